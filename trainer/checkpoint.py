@@ -1,0 +1,221 @@
+"""Sharded, atomic checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout: RUN/checkpoints/step_00001000/ holds DCP's shards of model and optimizer state,
+`rng_rank{r}.pt` (each rank's RNG state) and `meta.json` (step, data position, model shape).
+
+Atomicity: every rank writes into a hidden `.step_XXXXXXXX.tmp` folder; after a barrier
+rank 0 writes meta.json and renames the folder into place. A rename within one directory is
+atomic on POSIX filesystems (and on Lustre/GPFS/NFS), so a reader sees either no checkpoint
+for that step or a complete one. A folder without meta.json, or still hidden, is never
+picked, which covers a kill -9 at any point of the save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from trainer import dist as tdist
+from trainer.config import RunConfig, UserError, load_run_config
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return ckpt_root(run_dir) / f"step_{step:08d}"
+
+
+def list_complete(run_dir: str | Path) -> list[int]:
+    """Steps of complete checkpoints, oldest first (hidden or meta-less folders are torn)."""
+    root = ckpt_root(run_dir)
+    if not root.is_dir():
+        return []
+    steps = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / META).is_file() and (p / ".metadata").is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    steps = list_complete(run_dir)
+    return steps[-1] if steps else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns that it "assumes" a single process when no process group exists: that is
+    # exactly the intent of a one-process run, not something the user needs to read.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    cfg: RunConfig,
+    info: tdist.DistInfo,
+    extra: dict[str, Any] | None = None,
+    keep_last: int = 0,
+) -> Path:
+    """Save on every rank (DCP's save is a collective every rank must reach)."""
+    root = ckpt_root(run_dir)
+    final = step_dir(run_dir, step)
+    tmp = root / f".{final.name}.tmp"
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    tdist.barrier(info)
+
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        model_sd, _ = get_state_dict(model, [])
+        state = {"model": model_sd}
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp))  # collective; fsyncs every file it writes
+    torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
+    tdist.barrier(info)  # every rank's part is on disk before the checkpoint becomes visible
+
+    if info.is_main:
+        meta = {
+            "step": step,
+            "world_size": info.world,
+            "has_optimizer": optimizer is not None,
+            "model": cfg.to_dict()["model"],
+            **(extra or {}),
+        }
+        with open(tmp / META, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (e.g. a rerun): replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        if keep_last > 0:
+            for old in list_complete(run_dir)[:-keep_last]:
+                shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
+    tdist.barrier(info)  # nobody races ahead to read or prune while rank 0 renames
+    return final
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    with open(path / META) as f:
+        return json.load(f)
+
+
+def load(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    info: tdist.DistInfo,
+    step: int | None = None,
+) -> dict[str, Any] | None:
+    """Load the given (or latest complete) checkpoint into model and optimizer, on every
+    rank (a collective). Returns its meta, or None when the run has no checkpoint."""
+    step = latest_step(run_dir) if step is None else step
+    if step is None:
+        return None
+    path = step_dir(run_dir, step)
+    if not (path / META).is_file():
+        raise UserError(f"no complete checkpoint for step {step} in {ckpt_root(run_dir)}")
+    meta = read_meta(path)
+    with_optim = optimizer is not None and meta.get("has_optimizer", False)
+    if with_optim:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        model_sd, _ = get_state_dict(model, [])
+        state = {"model": model_sd}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
+    if with_optim:
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+    else:
+        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+    rng = path / f"rng_rank{info.rank}.pt"
+    if meta.get("world_size") == info.world and rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return meta
+
+
+# --------------------------------------------------------------- single-process helpers
+
+def load_model(run_dir: str | Path, step: int | None = None, device: str = "cpu"):
+    """Weights of a run for inference or export, in one process whatever the world size
+    that saved them: (model, cfg, step)."""
+    from trainer.model import GPT
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run dir {str(run_dir)!r} not found")
+    cfg = load_run_config(run_dir)
+    if step is None:
+        step = latest_step(run_dir)
+        if step is None:
+            raise UserError(f"no complete checkpoint in {ckpt_root(run_dir)}; train first")
+    elif step not in list_complete(run_dir):
+        have = ", ".join(map(str, list_complete(run_dir))) or "none"
+        raise UserError(f"no complete checkpoint for step {step} in {run_dir} (have: {have})")
+    model = GPT(cfg.model)
+    sd = model.state_dict()
+    sd.pop("lm_head.weight", None)  # tied to wte.weight: load it once
+    with _quiet_single_process():
+        dcp.load({"model": sd}, checkpoint_id=str(step_dir(run_dir, step)))
+    model.load_state_dict(sd, strict=False)
+    return model.to(device).eval(), cfg, step
+
+
+def save_model_only(run_dir: str | Path, model: torch.nn.Module, cfg: RunConfig,
+                    step: int = 0) -> Path:
+    """A weights-only checkpoint from one process (e.g. imported official weights)."""
+    return save(run_dir, step, model, None, cfg, tdist.DistInfo(), extra={"data": {}})

@@ -1,0 +1,94 @@
+"""Process group set-up and the few collectives the training loop uses.
+
+Launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) the trainer joins a
+process group: nccl on CUDA, gloo on CPU. Launched as a plain `python -m trainer` it runs
+as one process with no process group and no FSDP.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import ConfigError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False  # a process group exists (FSDP applies)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.device is 'cuda' but no CUDA device is visible")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("parallel.device is 'mps' but MPS is not available")
+    return torch.device(requested)
+
+
+def init(device: str = "auto") -> DistInfo:
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return DistInfo(device=pick_device(device, 0))
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        # A long timeout: rank 0 alone may spend minutes on a checkpoint or an eval print.
+        dist.init_process_group(
+            backend, timeout=timedelta(minutes=30),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistInfo(rank, world, local_rank, local_world, dev, distributed=True)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """In place; a collective every rank must reach. (gloo has no AVG, hence SUM.)"""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if it is True on any: a collective every rank must reach."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

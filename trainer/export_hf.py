@@ -1,0 +1,79 @@
+"""Export a run's checkpoint as a Hugging Face GPT-2 folder.
+
+    python -m trainer.export_hf --run-dir runs/tiny --out hf/tiny [--step N]
+        [--tokenizer-file PATH | --no-tokenizer]
+
+The folder (config.json, generation_config.json, model.safetensors, and the GPT-2
+tokenizer files) loads with `transformers.GPT2LMHeadModel.from_pretrained(DIR)` and gives
+the same numbers as our model, and with TransformerLens'
+`TransformerBridge.boot_transformers(DIR)` (which also needs the tokenizer files).
+
+Tokenizer: `--tokenizer-file`, else the run's. When no tokenizer can be had (offline
+without a BPE file) the weights are exported anyway, with a warning.
+Needs `transformers` and `safetensors` (`pip install .[hf]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainer.config import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.export_hf",
+        description="Write a run's checkpoint as a Hugging Face GPT-2 folder.",
+    )
+    p.add_argument("--run-dir", required=True, help="run dir of a training run")
+    p.add_argument("--out", required=True, help="folder to write (created if missing)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--tokenizer-file", default=None,
+                   help="GPT-2 BPE file in tiktoken's format (default: the run's)")
+    p.add_argument("--no-tokenizer", action="store_true", help="write the weights only")
+    return p
+
+
+def run(args: argparse.Namespace) -> Path:
+    from trainer import hf
+    from trainer.checkpoint import load_model
+
+    hf._transformers()  # fail before the (slow) checkpoint load when it is not installed
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out!r} exists and is not a folder")
+    model, cfg, step = load_model(args.run_dir, step=args.step, device="cpu")
+    encoding = None
+    if not args.no_tokenizer:
+        from trainer.generate import resolve_encoding
+
+        try:
+            encoding = resolve_encoding(cfg, args.tokenizer_file)
+        except UserError as e:
+            if args.tokenizer_file:  # asked for explicitly: that is an error
+                raise
+            print(f"warning: exporting without tokenizer files: {e}", file=sys.stderr)
+    hf.save_hf(model, out, encoding=encoding)
+    print(f"exported {args.run_dir} step {step} "
+          f"({cfg.model.num_params() / 1e6:.2f}M parameters) to {out}"
+          f"{'' if encoding is not None else ' (no tokenizer files)'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from trainer.hf import quiet_cli
+
+        quiet_cli()
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

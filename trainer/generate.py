@@ -1,0 +1,148 @@
+"""Sample text from a run's checkpoint, with the perplexity of what was sampled.
+
+    python -m trainer.generate --run-dir runs/tiny --prompt "ROMEO:" --max-tokens 64 \
+        --temperature 0.8 --top-k 50 [--seed 1337] [--step N] [--num-samples 3] \
+        [--tokenizer-file ../shared/data/gpt2.tiktoken] [--device auto]
+
+The model's shape comes from the run (its config.toml and checkpoint), never from flags.
+`--top-k 1` (or `--temperature 0`) is greedy decoding. The perplexity printed for each sample
+is exp(mean NLL) of the generated tokens, each given everything before it (the prompt and
+the earlier generated tokens, cropped to the model's block_size the way sampling crops it).
+
+Tokenizer: `--tokenizer-file`, else the run's `data.tokenizer_file`, else the BPE file the
+run's data dir was prepared with, else tiktoken's own GPT-2 (downloaded once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import RunConfig, UserError
+
+
+def continuation_nll(model, seq: torch.Tensor, start: int) -> torch.Tensor:
+    """NLL [B, L - start] of seq[:, start:] under `model`, each token given its prefix
+    cropped to the last block_size tokens (exactly the context sampling used)."""
+    B, L = seq.shape
+    T = model.cfg.block_size
+    if not 1 <= start <= L:
+        raise ValueError(f"start must be in [1, {L}], got {start}")
+    out = []
+    first_end = min(L, T + 1)  # targets 1..first_end-1 see their whole prefix in one window
+    with torch.no_grad():
+        if start < first_end:
+            logits = model(seq[:, : first_end - 1])[:, start - 1 :].float()
+            lp = F.log_softmax(logits, dim=-1)
+            out.append(-lp.gather(-1, seq[:, start:first_end, None]).squeeze(-1))
+        for t in range(max(start, first_end), L):  # beyond block_size: a sliding window each
+            logits = model(seq[:, t - T : t])[:, -1].float()
+            out.append(-F.log_softmax(logits, dim=-1).gather(-1, seq[:, t : t + 1]))
+    return torch.cat(out, dim=1) if out else seq.new_zeros((B, 0), dtype=torch.float32)
+
+
+def resolve_encoding(cfg: RunConfig, tokenizer_file: str | None):
+    """The run's tokenizer: flag, then data.tokenizer_file, then prepare's record, then tiktoken."""
+    from trainer.tokenizer import get_encoding
+
+    if tokenizer_file:
+        return get_encoding(tokenizer_file)
+    if cfg.data.tokenizer_file:
+        return get_encoding(cfg.data.tokenizer_file)
+    try:
+        from trainer.data import encoding_for, load_manifest
+
+        return encoding_for(load_manifest(cfg.data.dir))
+    except UserError:  # no data dir here (e.g. an imported run): tiktoken's own
+        return get_encoding("")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible")
+    return name
+
+
+def generate_samples(model, prompt_ids: list[int], max_tokens: int, temperature: float,
+                     top_k: int | None, num_samples: int, seed: int):
+    """(tokens [K, P + N], per-sample NLL [K, N]) for K samples of the same prompt."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)
+    torch.manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # GPT.generate samples on the CPU
+    out = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    return out, continuation_nll(model, out, len(prompt_ids))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.generate", description="Sample text from a run's checkpoint."
+    )
+    p.add_argument("--run-dir", required=True, help="run dir of a training run (or import_hf)")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-tokens", type=int, default=100, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest; "
+                   "1 is greedy, 0 turns top-k off")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--tokenizer-file", default=None,
+                   help="GPT-2 BPE file in tiktoken's format (default: the run's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    from trainer.checkpoint import load_model
+    from trainer.tokenizer import EOT
+
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+
+    model, cfg, step = load_model(args.run_dir, step=args.step, device=_device(args.device))
+    enc = resolve_encoding(cfg, args.tokenizer_file)
+    prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+    too_big = [t for t in prompt_ids if t >= cfg.model.vocab_size]
+    if too_big:
+        raise UserError(f"the prompt has token ids {too_big[:5]} outside this model's vocabulary "
+                        f"of {cfg.model.vocab_size}")
+
+    tokens, nll = generate_samples(model, prompt_ids, args.max_tokens, args.temperature,
+                                   args.top_k or None, args.num_samples, args.seed)
+    greedy = args.top_k == 1 or args.temperature == 0
+    print(f"run {args.run_dir} step {step} | {'greedy' if greedy else 'sampling'} "
+          f"temperature {args.temperature} top-k {args.top_k or 'off'} seed {args.seed}")
+    for i in range(args.num_samples):
+        ppl = math.exp(nll[i].mean().item())
+        print(f"--- sample {i + 1}/{args.num_samples} ---")
+        print(enc.decode(tokens[i].tolist()))
+        print(f"perplexity: {ppl:.4f} ({nll.shape[1]} generated tokens)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # 1 process
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

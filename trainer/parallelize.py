@@ -1,0 +1,66 @@
+"""Everything that is not single-device model code, applied from outside in one place and
+in a fixed order: activation checkpointing, then torch.compile, then FSDP2.
+
+(The order matters: FSDP2's hooks must wrap the checkpointed, compiled blocks, so that
+parameters are all-gathered once per block and the recompute in backward sees them.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from trainer.config import ConfigError, ParallelConfig
+from trainer.dist import DistInfo
+from trainer.model import GPT
+
+
+def device_mesh(pcfg: ParallelConfig, info: DistInfo):
+    """1-D mesh for full/grad sharding; 2-D (replicate, shard) for none/hybrid.
+    'none' is HSDP with shard groups of one: every rank holds all weights (DDP semantics)."""
+    dev = info.device.type
+    if pcfg.sharding in ("full", "grad"):
+        return init_device_mesh(dev, (info.world,), mesh_dim_names=("shard",))
+    shard = 1 if pcfg.sharding == "none" else (pcfg.shard_size or info.local_world)
+    if info.world % shard:
+        raise ConfigError(
+            f"parallel.shard_size ({shard}) must divide the world size ({info.world})"
+        )
+    return init_device_mesh(
+        dev, (info.world // shard, shard), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def parallelize(model: GPT, pcfg: ParallelConfig, info: DistInfo, dtype: str) -> GPT:
+    if pcfg.activation_checkpointing:
+        # The composable API keeps module names (and so the hook names) unchanged.
+        from torch.distributed._composable import checkpoint
+
+        for block in model.blocks:
+            checkpoint(block)
+    if pcfg.compile:
+        # Per block: small graphs compile fast and a hooked capture forward can still run
+        # the same modules eagerly (hooks change the graph, so dynamo falls back).
+        for block in model.blocks:
+            block.compile()
+    if not info.distributed:
+        if pcfg.cpu_offload:
+            raise ConfigError("parallel.cpu_offload needs FSDP: launch with torchrun")
+        return model
+    mesh = device_mesh(pcfg, info)
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if dtype == "bf16" else None,
+        reduce_dtype=torch.float32,
+    )
+    kw = dict(mesh=mesh, mp_policy=mp)
+    if pcfg.cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    # grad sharding (ZeRO-2): keep parameters gathered from forward to backward, trading
+    # memory for one all-gather less per block per step.
+    reshard = pcfg.sharding != "grad"
+    for i, block in enumerate(model.blocks):
+        # The last block's parameters are needed again at once by backward: keep them.
+        fully_shard(block, reshard_after_forward=reshard and i < len(model.blocks) - 1, **kw)
+    fully_shard(model, reshard_after_forward=reshard, **kw)  # embeddings, ln_final, head
+    return model

@@ -1,0 +1,70 @@
+"""The GPT-2 tokenizer (tiktoken), from the internet or from a local BPE file.
+
+Two ways to get the same tokenizer, one code path:
+- `get_encoding()`: tiktoken's own "gpt2", downloaded once into tiktoken's cache. Offline,
+  `TIKTOKEN_CACHE_DIR` pointing at a folder holding the `r50k_base` cache entry works too:
+  "gpt2" needs two other files (vocab.bpe, encoder.json), so on failure we ask for
+  "r50k_base", which is the identical tokenizer (same ranks, split pattern and specials).
+- `get_encoding("path/to/gpt2.tiktoken")`: built from a local BPE file in tiktoken's format
+  (`data.tokenizer_file` / `--tokenizer-file`), for machines without internet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tiktoken
+import tiktoken.load
+
+from trainer.config import UserError
+
+EOT = 50256  # <|endoftext|>: separates documents in the token stream
+VOCAB_SIZE = 50257  # 50256 BPE ranks + <|endoftext|>
+
+# GPT-2's split pattern, as tiktoken writes it for r50k_base / gpt2 (equivalent to the
+# original release's regex, but faster). Copied rather than imported from tiktoken_ext,
+# whose module layout is not a public API.
+R50K_PAT_STR = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+
+
+def get_encoding(bpe_file: str = "") -> tiktoken.Encoding:
+    """GPT-2's encoding: from `bpe_file` if given, else from tiktoken (download or cache)."""
+    if bpe_file:
+        return _from_file(bpe_file)
+    errors = []
+    for name in ("gpt2", "r50k_base"):
+        try:
+            return tiktoken.get_encoding(name)
+        except Exception as e:  # network errors come in many types (requests, urllib, OSError)
+            errors.append(f"{name}: {type(e).__name__}")
+    raise UserError(
+        "could not load the GPT-2 tokenizer from tiktoken (" + "; ".join(errors) + "); "
+        "offline, pass a local BPE file with --tokenizer-file / data.tokenizer_file "
+        "(e.g. ../shared/data/gpt2.tiktoken)"
+    )
+
+
+def _from_file(bpe_file: str) -> tiktoken.Encoding:
+    path = Path(bpe_file).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"tokenizer file {bpe_file!r} not found; pass a GPT-2 BPE file in tiktoken's "
+            "format (e.g. ../shared/data/gpt2.tiktoken) or leave it empty to use tiktoken's"
+        )
+    try:
+        ranks = tiktoken.load.load_tiktoken_bpe(str(path))
+    except Exception as e:  # a file in another format fails inside tiktoken's parser
+        raise UserError(f"tokenizer file {bpe_file!r} is not a tiktoken BPE file: {e}") from None
+    if len(ranks) != EOT:
+        raise UserError(
+            f"tokenizer file {bpe_file!r} has {len(ranks)} ranks; GPT-2's has {EOT}"
+        )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=R50K_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT},
+        explicit_n_vocab=VOCAB_SIZE,
+    )
