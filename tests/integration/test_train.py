@@ -22,7 +22,7 @@ STEPS = 12
 TINY = [
     "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
     "--train.micro_batch_size=4", "--train.global_batch_tokens=256", "--optim.lr=1e-2",
-    "--optim.warmup_steps=3", "--eval.every=0", "--log.plot=false", "--checkpoint.every=3",
+    "--optim.warmup_steps=3", "--optim.decay_steps=12", "--eval.every=0", "--log.plot=false", "--checkpoint.every=3",
     "--checkpoint.keep_last=0",
 ]
 
@@ -123,3 +123,31 @@ def test_kill9_then_resume_is_exact_and_torn_checkpoints_are_ignored(
     r = ok(run_cli(train_args(shakespeare_data, run, "--resume", "--checkpoint.every=2")))
     assert f"resumed from step {last}" in r.stdout
     assert losses(run) == losses(reference["one"])  # exactly, one record per step
+
+
+@pytest.mark.parametrize("extra", [
+    ["--parallel.sharding=grad"],
+    ["--parallel.sharding=none"],
+    ["--parallel.sharding=hybrid", "--parallel.shard_size=2"],
+    ["--parallel.activation_checkpointing=true"],
+], ids=["grad", "none", "hybrid", "activation-checkpointing"])
+def test_sharding_modes_give_the_same_training(shakespeare_data, reference, tmp_path, extra):
+    run = tmp_path / "run"
+    ok(run_cli(torchrun(2) + train_args(shakespeare_data, run, *extra, steps=4)[1:]))
+    assert losses(run) == pytest.approx(losses(reference["one"])[:4], rel=0, abs=2e-4)
+
+
+def test_meta_init_bf16_and_eval_run_under_fsdp(shakespeare_data, tmp_path):
+    """Meta-device init allocates only shards; bf16 mixed precision trains; validation and
+    the text sample run on both ranks (each forward is a collective) and reach the log."""
+    run = tmp_path / "run"
+    r = ok(run_cli(torchrun(2) + train_args(
+        shakespeare_data, run, "--parallel.meta_init=true", "--train.dtype=bf16",
+        "--eval.every=4", "--eval.val_batches=2", "--eval.sample_tokens=8", "--log.plot=true",
+        steps=8)[1:]))
+    m = read_metrics(run)
+    assert sorted(m) == list(range(1, 9))
+    assert m[8]["loss"] < m[1]["loss"] - 0.5
+    assert "val_loss" in m[4] and "val_loss" in m[8] and m[8]["val_loss"] < m[4]["val_loss"]
+    assert isinstance(m[8]["sample"], str) and "--- sample at step 8 ---" in r.stdout
+    assert (run / "loss.png").stat().st_size > 1000

@@ -1,0 +1,83 @@
+"""Bad input: one clear line on stderr, a non-zero exit, and nothing lost."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from helpers import BPE, run_cli
+from test_train import ok, train_args
+
+pytestmark = pytest.mark.integration
+
+
+def fails_with(r, msg: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert msg in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--model.n_layerz=3"], "unknown config key 'model.n_layerz'"),
+    (["--optim.lr=fast"], "optim.lr expects float, got 'fast'"),
+    (["--model.n_embd=30", "--model.n_head=4"], "model.n_embd (30) must be divisible by model.n_head (4)"),
+    (["--train.global_batch_tokens=100"], "must be a multiple of micro_batch_size x seq_len"),
+])
+def test_bad_config(shakespeare_data, tmp_path, extra, msg):
+    fails_with(run_cli(train_args(shakespeare_data, tmp_path / "run", *extra)), msg)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+def test_bad_config_file(tmp_path, shakespeare_data):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nn_layer = 'two'\n")
+    fails_with(run_cli(["-m", "trainer", "--config", str(cfg), "--data", str(shakespeare_data),
+                        "--run-dir", str(tmp_path / "r")]),
+               "model.n_layer expects int, got str")
+
+
+def test_missing_data_dir(tmp_path):
+    fails_with(run_cli(train_args(tmp_path / "nope", tmp_path / "run")), "not found")
+
+
+def test_data_shorter_than_one_sequence(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("To be, or not to be.\n\nThat is the question.\n")
+    data = tmp_path / "short"
+    ok(run_cli(["-m", "trainer.prepare", "--text", str(text), "--out", str(data),
+                "--tokenizer-file", str(BPE), "--val-fraction", "0.5", "--workers", "1"]))
+    fails_with(run_cli(train_args(data, tmp_path / "run")), "fewer than one sequence")
+
+
+def test_resume_with_another_model_shape_changes_nothing(shakespeare_data, tmp_path):
+    run = tmp_path / "run"
+    ok(run_cli(train_args(shakespeare_data, run, steps=3)))
+    before = tree_digest(run)
+    fails_with(run_cli(train_args(shakespeare_data, run, "--resume", "--model.n_layer=3")),
+               "was made with a model of n_layer=2")
+    # and a second run into a used run dir without --resume is refused, not overwritten
+    fails_with(run_cli(train_args(shakespeare_data, run)), "pass --resume")
+    assert tree_digest(run) == before
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(shakespeare_data, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli(train_args(shakespeare_data, run, "--optim.lr=1e6", "--optim.warmup_steps=0",
+                           "--train.grad_clip=1e9", "--checkpoint.every=1", steps=30))
+    fails_with(r, "non-finite training at step")
+    from trainer import checkpoint
+    last = checkpoint.latest_step(run)
+    assert f"Last good checkpoint: step {last}" in r.stderr
