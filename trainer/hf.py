@@ -200,7 +200,7 @@ def save_hf(model: GPT, out_dir: str | Path, encoding: "tiktoken.Encoding | None
     hf = to_hf(model)
     hf.save_pretrained(out, safe_serialization=True)
     if encoding is not None:
-        write_tokenizer_files(encoding, out)
+        write_tokenizer_files(encoding, out, model.cfg.block_size)
     return out
 
 
@@ -223,11 +223,15 @@ def from_hf(hf_model_or_dir: Any, dropout: float | None = None) -> GPT:
     for our_key, hf_key, transpose in _pairs(cfg.n_layer):
         t = sd[hf_key].detach()
         ours[our_key] = (t.t() if transpose else t).to(dtype=torch.float32, device="cpu")
-    ours["lm_head.weight"] = ours["wte.weight"]
     with torch.device("meta"):
         model = GPT(cfg)  # no init: every weight is written next
-    model.load_state_dict({k: v.contiguous().clone() for k, v in ours.items()}, assign=True)
-    model.lm_head.weight = model.wte.weight  # assign=True replaced the tied Parameter
+    # clone: our model must not share storage with the Hugging Face one
+    missing, unexpected = model.load_state_dict(
+        {k: v.contiguous().clone() for k, v in ours.items()}, strict=False, assign=True
+    )
+    if set(missing) != {"lm_head.weight"} or unexpected:
+        raise RuntimeError(f"conversion from HF left missing={missing} unexpected={unexpected}")
+    model.lm_head.weight = model.wte.weight  # assign=True replaced wte's Parameter: re-tie
     return model.eval()
 
 
@@ -244,13 +248,11 @@ def _load_hf_model(name_or_dir: str):
     if looks_local and not (path / "config.json").is_file():
         raise UserError(f"{name_or_dir!r} is not a Hugging Face model folder (no config.json)")
     try:
-        hf = t.GPT2LMHeadModel.from_pretrained(
-            str(path) if looks_local else name_or_dir, dtype=torch.float32
-        )
+        hf = t.GPT2LMHeadModel.from_pretrained(str(path) if looks_local else name_or_dir)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load Hugging Face model {name_or_dir!r}: {first}") from None
-    return hf.eval()
+    return hf.float().eval()  # from_hf copies into fp32 anyway; released GPT-2 is fp32
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -307,7 +309,7 @@ def gpt2_vocab_and_merges(encoding: "tiktoken.Encoding") -> tuple[dict[str, int]
     return vocab, merges
 
 
-def hf_tokenizer(encoding: "tiktoken.Encoding"):
+def hf_tokenizer(encoding: "tiktoken.Encoding", model_max_length: int = 1024):
     """A `transformers.GPT2TokenizerFast` that encodes like the tiktoken GPT-2 `encoding`
     (built offline from its ranks: vocab + merges, GPT-2's byte-level pre-tokenizer)."""
     t = _transformers()
@@ -323,16 +325,18 @@ def hf_tokenizer(encoding: "tiktoken.Encoding"):
     eot = "<|endoftext|>"
     out = t.GPT2TokenizerFast(
         tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot,
-        model_max_length=1024, add_prefix_space=False,
+        model_max_length=model_max_length, add_prefix_space=False,
     )
     return out
 
 
-def write_tokenizer_files(encoding: "tiktoken.Encoding", out_dir: str | Path) -> None:
+def write_tokenizer_files(
+    encoding: "tiktoken.Encoding", out_dir: str | Path, model_max_length: int = 1024
+) -> None:
     """vocab.json + merges.txt (the original GPT-2 release format) plus the fast-tokenizer
     files, so both old and new `transformers` and TransformerLens find a tokenizer."""
     out = Path(out_dir)
     vocab, merges = gpt2_vocab_and_merges(encoding)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    hf_tokenizer(encoding).save_pretrained(out)
+    hf_tokenizer(encoding, model_max_length).save_pretrained(out)

@@ -18,9 +18,7 @@ from trainer import hf  # noqa: E402
 from trainer.config import ModelConfig, UserError  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 
-BPE = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpt2.tiktoken"
-if not BPE.is_file():
-    BPE = Path("/work/shared/data/gpt2.tiktoken")
+BPE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gpt2.tiktoken"
 TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50257)
 ATOL = 1e-4
 
@@ -83,6 +81,8 @@ def test_from_hf_same_logits():
     m = hf.from_hf(h)
     assert m.cfg == ModelConfig(**{**TINY, "vocab_size": 1000, "dropout": 0.0})
     assert m.lm_head.weight is m.wte.weight and not m.training
+    assert all(p.requires_grad for p in m.parameters())  # trainable, and its own storage
+    assert m.wte.weight.data_ptr() != h.transformer.wte.weight.data_ptr()
     idx = _idx(1000)
     with torch.no_grad():
         torch.testing.assert_close(m(idx), h(idx).logits, atol=ATOL, rtol=0)

@@ -1,0 +1,41 @@
+# The two quick-start commands: `make demo` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV ?= .venv
+SHARED ?= ../shared
+# Offline settings for the demo: the local corpus and GPT-2 BPE file when they are there.
+TEXT ?= $(SHARED)/data/tinyshakespeare.txt
+TOKENIZER_FILE ?= $(wildcard $(SHARED)/data/gpt2.tiktoken)
+NPROC ?= 2
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-unit demo bench clean
+
+setup: $(VENV)/.installed
+
+# torch first and pinned: on CPU-only machines this is the local CPU build; elsewhere pip
+# takes the CUDA build from PyPI.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+test-unit: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests/unit
+
+demo: setup
+	test -d runs/data/tinyshakespeare || $(BIN)/python -m trainer.prepare --text $(TEXT) \
+	    --out runs/data/tinyshakespeare --val-fraction 0.05 \
+	    $(if $(TOKENIZER_FILE),--tokenizer-file $(TOKENIZER_FILE))
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer --config configs/tiny.toml \
+	    --data runs/data/tinyshakespeare --run-dir runs/tiny $(if $(wildcard runs/tiny/checkpoints),--resume)
+
+bench: setup
+	$(BIN)/python benchmarks/train_speed.py
+
+clean:
+	rm -rf $(VENV) runs
