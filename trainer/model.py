@@ -5,12 +5,14 @@ Parallelism, activation checkpointing and compile are applied from outside (`par
 
 Hook names (TransformerLens conventions, so `run_with_cache` gives familiar keys):
   hook_embed, hook_pos_embed,
-  blocks.{l}.hook_resid_pre, blocks.{l}.ln1.hook_normalized,
+  blocks.{l}.hook_resid_pre, blocks.{l}.ln1.hook_scale|hook_normalized,
   blocks.{l}.attn.hook_q|hook_k|hook_v|hook_z        [batch, pos, head, d_head]
   blocks.{l}.attn.hook_attn_scores|hook_pattern      [batch, head, query, key]
-  blocks.{l}.hook_attn_out, blocks.{l}.hook_resid_mid, blocks.{l}.ln2.hook_normalized,
+  blocks.{l}.hook_attn_out, blocks.{l}.hook_resid_mid, blocks.{l}.ln2.hook_scale|...,
   blocks.{l}.mlp.hook_pre, blocks.{l}.mlp.hook_post  [batch, pos, 4*d_model] (the neurons)
-  blocks.{l}.hook_mlp_out, blocks.{l}.hook_resid_post, ln_final.hook_normalized
+  blocks.{l}.hook_mlp_out, blocks.{l}.hook_resid_post, ln_final.hook_scale|hook_normalized
+LayerNorm hooks follow TransformerLens: hook_normalized is (x - mean) / scale, before the
+weight and bias. Masked attention scores are -inf (TransformerLens' bridge writes finfo.min).
 """
 
 from __future__ import annotations
@@ -27,16 +29,25 @@ from trainer.config import ModelConfig
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias and TransformerLens' `hook_normalized` (after w, b)."""
+    """LayerNorm with an optional bias and TransformerLens' hooks: `hook_scale` (the std,
+    [..., 1]) and `hook_normalized` ((x - mean) / scale, before weight and bias)."""
+
+    eps = 1e-5
 
     def __init__(self, d: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+        self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hook_normalized(F.layer_norm(x, x.shape[-1:], self.weight, self.bias, 1e-5))
+        if not (self.hook_normalized.has_hooks("fwd") or self.hook_scale.has_hooks("fwd")):
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)  # fused
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = self.hook_normalized(x / scale) * self.weight
+        return x + self.bias if self.bias is not None else x
 
 
 class Attention(nn.Module):
@@ -148,7 +159,8 @@ class GPT(HookedRootModule):
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
         pos = torch.arange(T, device=idx.device)
-        x = self.hook_embed(self.wte(idx)) + self.hook_pos_embed(self.wpe(pos))
+        # expand: a view, no copy; TransformerLens' hook_pos_embed is [batch, pos, d_model]
+        x = self.hook_embed(self.wte(idx)) + self.hook_pos_embed(self.wpe(pos).expand(B, T, -1))
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
