@@ -11,10 +11,9 @@ each per round in a rotating order, after warmup; we report each one's median to
 the ratio ours/HF. On CUDA, MFU = tokens/s * model.flops_per_token(seq_len) / peak bf16 FLOPS
 of the GPU (by name). bf16 means autocast with fp32 parameters, as trainer/train.py does.
 
-`--chunked-ce` also times a prototype (defined here, not in the model) of a training step
-whose unembedding + cross-entropy runs in row chunks with the gradient computed in the
-forward pass (never materialising the [tokens, vocab] logits); it is the change this
-benchmark suggests for trainer/model.py, checked here to give the same loss and gradients.
+Our model's loss path is trainer/loss.py's chunked unembedding + cross-entropy (the
+gradient computed in the forward, never the whole [tokens, vocab] logits); HF's is its own
+logits + cross-entropy. The maths is the same: the script checks the initial losses agree.
 """
 
 from __future__ import annotations
@@ -52,60 +51,6 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
         if key in name:
             return peak, name
     return None, name
-
-
-# ------------------------------------------------------------ prototype: chunked linear+CE
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """mean CE(h @ W.T, targets) computed `chunk` rows at a time; the gradients of h and W
-    are computed in the forward (softmax - onehot), so neither the logits nor their
-    log-softmax are ever held for the whole batch. Under autocast the matmuls run in the
-    autocast dtype (as the model's lm_head Linear would), the softmax in fp32."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int):
-        dev = h.device.type
-        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        n = h.shape[0]
-        with torch.autocast(dev, enabled=False):
-            w = weight.to(cd)  # one cast of W, not one per chunk
-            grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for s in range(0, n, chunk):
-                hc, tc = h[s : s + chunk].to(cd), targets[s : s + chunk]
-                logits = (hc @ w.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-                probs = logits.sub_(lse[:, None]).exp_()  # in place: softmax
-                probs[torch.arange(probs.shape[0], device=probs.device), tc] -= 1.0
-                g = probs.div_(n).to(cd)  # d(mean CE)/d(logits)
-                grad_h[s : s + chunk] = g @ w
-                if cd == torch.float32:
-                    grad_w.addmm_(g.t(), hc)
-                else:
-                    grad_w += g.t() @ hc
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.w_dtype = weight.dtype
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.w_dtype), None, None
-
-
-def chunked_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """GPT.forward up to ln_final (the same modules), then the chunked unembedding + CE."""
-    B, T = idx.shape
-    pos = torch.arange(T, device=idx.device)
-    x = model.hook_embed(model.wte(idx)) + model.hook_pos_embed(model.wpe(pos))
-    x = model.drop(x)
-    for block in model.blocks:
-        x = block(x)
-    h = model.ln_final(x).flatten(0, 1)
-    return ChunkedLinearCrossEntropy.apply(h, model.lm_head.weight, targets.flatten(), chunk)
 
 
 # ------------------------------------------------------------------------------ harness
@@ -190,9 +135,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step per variant)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
-    p.add_argument("--chunked-ce", action="store_true",
-                   help="also time the chunked unembedding+CE prototype (see the docstring)")
-    p.add_argument("--ce-chunk", type=int, default=512, help="rows per chunk for --chunked-ce")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -233,13 +175,6 @@ def main(argv=None) -> int:
 
     variants = [Variant("ours", ours, ours_loss, device, ours.param_groups(0.1)),
                 Variant("hf (sdpa)", hf_model, hf_loss, device, decay_groups(hf_model))]
-    if a.chunked_ce:
-        proto = GPT(cfg).to(device).train()
-        proto.load_state_dict(ours.state_dict())
-        check_chunked(proto, x, y, a.ce_chunk, autocast, bf16)
-        variants.append(Variant(f"ours + chunked CE ({a.ce_chunk})", proto,
-                                lambda m, x, y: chunked_loss(m, x, y, a.ce_chunk), device,
-                                proto.param_groups(0.1)))
     if a.compile:
         comp = GPT(cfg).to(device).train()
         comp.load_state_dict(ours.state_dict())
@@ -288,28 +223,6 @@ def main(argv=None) -> int:
     for v in variants[2:]:
         print(f"ratio {v.name}/hf tokens/s: {tps[v.name] / tps['hf (sdpa)']:.2f}x")
     return 0
-
-
-def check_chunked(model: GPT, x, y, chunk: int, autocast, bf16: bool) -> None:
-    """The prototype's loss and gradients equal the model's own (no silent speed-for-maths)."""
-    with autocast():
-        ref = model(x, y)
-    ref.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    with autocast():
-        loss = chunked_loss(model, x, y, chunk)
-    loss.backward()
-    worst = max(
-        ((p.grad - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item()
-        for n, p in model.named_parameters()
-    )
-    model.zero_grad(set_to_none=True)
-    print(f"chunked CE check: loss {loss.item():.6f} vs {ref.item():.6f}, "
-          f"max relative grad diff {worst:.1e}")
-    tol = 5e-2 if bf16 else 1e-3
-    if abs(loss.item() - ref.item()) > (2e-2 if bf16 else 1e-4) or not math.isfinite(worst) or worst > tol:
-        raise SystemExit("error: chunked CE prototype disagrees with the model; not timing it")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from trainer.config import ModelConfig
+from trainer.loss import linear_cross_entropy
 
 
 class LayerNorm(nn.Module):
@@ -164,12 +165,14 @@ class GPT(HookedRootModule):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_final(x))
+        x = self.ln_final(x)
         if targets is None and return_type == "loss":
-            logits, targets = logits[:, :-1], idx[:, 1:]
+            x, targets = x[:, :-1], idx[:, 1:]
         if targets is not None:
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1))
-        return logits
+            # The training path: logits never materialised for the whole batch.
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
+                                        targets.flatten(0, 1))
+        return self.lm_head(x)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay on matrices (2-D and up: linear weights, embeddings), not on

@@ -1,0 +1,69 @@
+"""The chunked unembedding + cross-entropy gives the plain path's loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.loss import linear_cross_entropy
+
+
+@pytest.mark.parametrize("n,chunk", [(37, 8), (64, 64), (10, 512)])
+def test_matches_plain_cross_entropy(n, chunk):
+    torch.manual_seed(0)
+    h = torch.randn(n, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 300, (n,))
+    ref = F.cross_entropy(h @ w.t(), t)
+    ref.backward(torch.tensor(2.5, dtype=torch.float64))
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss = linear_cross_entropy(h, w, t, chunk=chunk)
+    loss.backward(torch.tensor(2.5, dtype=torch.float64))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, gh)
+    torch.testing.assert_close(w.grad, gw)
+
+
+def test_no_grad_takes_the_plain_path_with_the_same_value():
+    torch.manual_seed(0)
+    h, w, t = torch.randn(20, 8), torch.randn(50, 8), torch.randint(0, 50, (20,))
+    with torch.no_grad():
+        a = linear_cross_entropy(h, w, t, chunk=4)
+    b = linear_cross_entropy(h.requires_grad_(), w, t, chunk=4)
+    torch.testing.assert_close(a, b.detach())
+
+
+def test_model_loss_and_gradients_match_logits_path():
+    from trainer.config import ModelConfig
+    from trainer.model import GPT
+
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=97))
+    x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    ref = F.cross_entropy(m(x).flatten(0, 1), y.flatten())
+    ref.backward()
+    ref_grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    loss = m(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k], msg=k)
+
+
+def test_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    h = torch.randn(40, 32, requires_grad=True)
+    w = (torch.randn(500, 32) * 0.1).requires_grad_()
+    t = torch.randint(0, 500, (40,))
+    ref = F.cross_entropy(h @ w.t(), t)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, chunk=16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(h.grad, gh, atol=2e-3, rtol=5e-2)
+    torch.testing.assert_close(w.grad, gw, atol=2e-3, rtol=5e-2)
