@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capture.config import CaptureConfig
+
 
 class UserError(Exception):
     """Bad input from the user: reported as one line and a non-zero exit, never a traceback."""
@@ -116,7 +118,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1  # on matrices only (not biases, LayerNorms or positions? see optim)
+    weight_decay: float = 0.1  # on matrices (weights, embeddings), not biases or gains
     fused: str = "auto"  # auto | true | false (fused AdamW kernels; auto = on CUDA)
 
 
@@ -176,11 +178,21 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
 
     def validate(self) -> "RunConfig":
         self.model.validate()
         self.train.validate()
         self.parallel.validate()
+        c = self.capture
+        if c.source not in ("probe", "train"):
+            raise ConfigError(f"capture.source must be 'probe' or 'train', got {c.source!r}")
+        for name in ("every", "probe_seqs", "topk", "queue_size"):
+            if getattr(c, name) <= 0:
+                raise ConfigError(f"capture.{name} must be positive, got {getattr(c, name)}")
+        if c.probe_len > self.model.block_size:
+            raise ConfigError(f"capture.probe_len ({c.probe_len}) exceeds model.block_size "
+                              f"({self.model.block_size})")
         if self.seq_len > self.model.block_size:
             raise ConfigError(
                 f"train.seq_len ({self.seq_len}) exceeds model.block_size ({self.model.block_size})"
@@ -217,17 +229,11 @@ def _field_types(cls) -> dict[str, Any]:
     return out
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "run_dir"}
 _SECTION_CLASSES = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
     "parallel": ParallelConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig,
-    "log": LogConfig,
+    "log": LogConfig, "capture": CaptureConfig,
 }
-
-
-def register_section(name: str, cls) -> None:
-    """Let another component (capture) add its own section to the run config."""
-    _SECTION_CLASSES[name] = cls
 
 
 def _check_value(key: str, value: Any, typ: Any) -> Any:

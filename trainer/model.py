@@ -152,10 +152,11 @@ class GPT(HookedRootModule):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        return_type: str = "logits",
-    ) -> torch.Tensor:
+        return_type: str | None = "logits",
+    ) -> torch.Tensor | None:
         """idx [batch, pos] -> logits [batch, pos, vocab], or the mean loss when targets are
-        given (or return_type='loss' with targets=None: next-token loss within idx)."""
+        given (or return_type='loss' with targets=None: next-token loss within idx), or
+        None for return_type=None (hooks only: the unembedding is skipped)."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
@@ -166,6 +167,8 @@ class GPT(HookedRootModule):
         for block in self.blocks:
             x = block(x)
         x = self.ln_final(x)
+        if return_type is None and targets is None:
+            return None
         if targets is None and return_type == "loss":
             x, targets = x[:, :-1], idx[:, 1:]
         if targets is not None:

@@ -12,10 +12,13 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from capture.capturer import Capturer
 from trainer import checkpoint
 from trainer import config as config_mod
 from trainer import dist as tdist
@@ -158,94 +161,145 @@ def train_step(model, optimizer, loader, accum: int, lr: float, cfg: RunConfig,
     return loss_val, norm_val
 
 
+@dataclass
+class Run:
+    """What the training loop works on, built once by `setup`."""
+    cfg: RunConfig
+    info: tdist.DistInfo
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    loader: DistributedLoader
+    accum: int
+    capturer: Capturer
+    enc: Any  # tokenizer for samples (None when none could be loaded)
+    hellaswag: list | None
+    step: int = 0
+
+
+def train_loop(r: Run) -> int | None:
+    """Train to max_steps; returns the signal that stopped it early, if one did."""
+    cfg, info = r.cfg, r.info
+    autocast = _autocast(cfg, info)
+    logger = MetricsLogger(cfg, resume_step=r.step) if info.is_main else None
+    stops = StopSignals()
+    try:
+        while r.step < cfg.train.max_steps:
+            lr = lr_at(r.step, cfg.optim, cfg.train.max_steps)
+            t0 = time.perf_counter()
+            loss, grad_norm = train_step(r.model, r.optimizer, r.loader, r.accum, lr, cfg,
+                                         info, autocast)
+            r.step += 1
+            record = step_record(r, loss, lr, grad_norm, time.perf_counter() - t0)
+            r.capturer.maybe_capture(r.step, r.model, r.loader, r.accum)
+            record.update(maybe_eval(r.model, cfg, info, r.step, r.enc, autocast, r.hellaswag))
+            if info.is_main:
+                log_step(r, logger, record)
+            stop = stops.requested(info)  # collective
+            if stop or r.step % cfg.checkpoint.every == 0 or r.step == cfg.train.max_steps:
+                save_checkpoint(r)
+            if stop:
+                return stops.received
+        return None
+    finally:
+        stops.restore()
+        if logger is not None:
+            logger.close()
+
+
+def step_record(r: Run, loss: float, lr: float, grad_norm: float, dt: float) -> dict:
+    tokens = r.cfg.train.global_batch_tokens
+    rec = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+           "step_ms": dt * 1e3, "time": time.time()}
+    if r.info.device.type == "cuda":
+        peak = peak_flops(torch.cuda.get_device_name(r.info.device))
+        if peak:
+            rec["mfu"] = r.model.flops_per_token(r.cfg.seq_len) * tokens / dt / \
+                (peak * r.info.world)
+    return rec
+
+
+def log_step(r: Run, logger: MetricsLogger, record: dict) -> None:
+    logger.log(r.step, record, echo=r.step % r.cfg.log.every == 0 or "val_loss" in record)
+    r.capturer.record_metrics(r.step, record)
+    if "sample" in record:
+        print(f"--- sample at step {r.step} ---\n{record['sample']}\n---", flush=True)
+
+
+def save_checkpoint(r: Run) -> None:
+    r.capturer.drain()  # every capture up to this step committed before the checkpoint
+    windows = r.loader.position * r.info.world * r.cfg.train.micro_batch_size
+    checkpoint.save(r.cfg.run_dir, r.step, r.model, r.optimizer, r.cfg, r.info,
+                    extra={"data": {"windows": windows}},
+                    keep_last=r.cfg.checkpoint.keep_last)  # collective
+
+
+def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
+    is_main = info.is_main
+    check_run_dir(cfg, resume)  # every rank checks before rank 0 writes anything
+    manifest = load_manifest(cfg.data.dir)
+    windows = TokenWindows(cfg.data.dir, "train", cfg.seq_len, seed=cfg.data.seed)
+    TokenWindows(cfg.data.dir, "val", cfg.seq_len, shuffle=False)  # fail early if too short
+    accum = grad_accum_steps(cfg, info.world)
+    hellaswag_examples = None
+    if cfg.eval.hellaswag_file:
+        from trainer import hellaswag
+        hellaswag_examples = hellaswag.load_examples(cfg.eval.hellaswag_file,
+                                                     cfg.eval.hellaswag_examples)
+    enc = _tokenizer(cfg, manifest, is_main)
+    tdist.barrier(info)
+    if is_main:
+        write_config(cfg)
+
+    model = build_model(cfg, info)
+    optimizer = build_optimizer(model, cfg.optim, info.device)
+    loader = DistributedLoader(windows, cfg.train.micro_batch_size, info.rank, info.world)
+    step, start_from = 0, -1
+    if resume:
+        meta = checkpoint.load(cfg.run_dir, model, optimizer, info)  # collective
+        if meta is not None:
+            step = start_from = meta["step"]
+            windows_done = meta.get("data", {}).get("windows", 0)
+            loader.load_state_dict(
+                {"position": windows_done // (info.world * cfg.train.micro_batch_size)})
+            if is_main:
+                print(f"resumed from step {step} ({checkpoint.step_dir(cfg.run_dir, step)})",
+                      flush=True)
+        elif is_main:
+            print(f"--resume: no checkpoint in {cfg.run_dir} yet; starting at step 0")
+    if is_main:
+        _print_plan(cfg, info, accum)
+    capturer = Capturer(cfg, info, model, resume_step=start_from)
+    return Run(cfg, info, model, optimizer, loader, accum, capturer, enc, hellaswag_examples,
+               step)
+
+
 def run(cfg: RunConfig, resume: bool) -> int:
     info = tdist.init(cfg.parallel.device)
-    is_main = info.is_main
+    status = "failed"
+    r = None
     try:
-        check_run_dir(cfg, resume)  # every rank checks before rank 0 writes anything
-        manifest = load_manifest(cfg.data.dir)
-        windows = TokenWindows(cfg.data.dir, "train", cfg.seq_len, seed=cfg.data.seed)
-        TokenWindows(cfg.data.dir, "val", cfg.seq_len, shuffle=False)  # fail early if short
-        accum = grad_accum_steps(cfg, info.world)
-        hellaswag_examples = None
-        if cfg.eval.hellaswag_file:
-            from trainer import hellaswag
-            hellaswag_examples = hellaswag.load_examples(
-                cfg.eval.hellaswag_file, cfg.eval.hellaswag_examples)
-        enc = _tokenizer(cfg, manifest, is_main)
-        tdist.barrier(info)
-        if is_main:
-            write_config(cfg)
-
-        model = build_model(cfg, info)
-        optimizer = build_optimizer(model, cfg.optim, info.device)
-        loader = DistributedLoader(windows, cfg.train.micro_batch_size, info.rank, info.world)
-        step = 0
-        if resume:
-            meta = checkpoint.load(cfg.run_dir, model, optimizer, info)  # collective
-            if meta is not None:
-                step = meta["step"]
-                seqs_per_round = info.world * cfg.train.micro_batch_size
-                windows_done = meta.get("data", {}).get("windows", 0)
-                loader.load_state_dict({"position": windows_done // seqs_per_round})
-                if is_main:
-                    print(f"resumed from step {step} "
-                          f"({checkpoint.step_dir(cfg.run_dir, step)})", flush=True)
-            elif is_main:
-                print(f"--resume: no checkpoint in {cfg.run_dir} yet; starting at step 0")
-        if is_main:
-            _print_plan(cfg, info, accum, model)
-
-        autocast = _autocast(cfg, info)
-        flops = model.flops_per_token(cfg.seq_len)
-        peak = peak_flops(torch.cuda.get_device_name(info.device)) \
-            if info.device.type == "cuda" else None
-        logger = MetricsLogger(cfg, resume_step=step) if is_main else None
-        stops = StopSignals()
-        tokens_per_step = cfg.train.global_batch_tokens
-        stop = False
-        while step < cfg.train.max_steps and not stop:
-            lr = lr_at(step, cfg.optim, cfg.train.max_steps)
-            t0 = time.perf_counter()
-            try:
-                loss, grad_norm = train_step(model, optimizer, loader, accum, lr, cfg, info,
-                                             autocast)
-            except TrainingDiverged as e:
-                last = checkpoint.latest_step(cfg.run_dir)
-                raise UserError(
-                    f"non-finite training at step {step + 1} ({e}); stopped. Last good "
-                    f"checkpoint: {'step ' + str(last) if last is not None else 'none'}. "
-                    f"Lower optim.lr or raise optim.warmup_steps, then --resume"
-                ) from None
-            step += 1
-            dt = time.perf_counter() - t0
-            record = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_step / dt, "step_ms": dt * 1e3}
-            if peak:
-                record["mfu"] = flops * tokens_per_step / dt / (peak * info.world)
-            record.update(maybe_eval(model, cfg, info, step, enc, autocast, hellaswag_examples))
-            if is_main:
-                logger.log(step, record, echo=step % cfg.log.every == 0 or "val_loss" in record)
-                if "sample" in record:
-                    print(f"--- sample at step {step} ---\n{record['sample']}\n---", flush=True)
-            stop = stops.requested(info)  # collective
-            if stop or step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
-                checkpoint.save(
-                    cfg.run_dir, step, model, optimizer, cfg, info,
-                    extra={"data": {"windows": loader.position * info.world
-                                    * cfg.train.micro_batch_size}},
-                    keep_last=cfg.checkpoint.keep_last,
-                )  # collective
-        stops.restore()
-        if is_main:
-            logger.close()
-            if stop:
-                print(f"stopped on signal {stops.received} at step {step}; checkpoint saved. "
+        r = setup(cfg, info, resume)
+        if r.step == 0:
+            r.capturer.maybe_capture(0, r.model)  # the initial weights
+        try:
+            stopped_by = train_loop(r)
+        except TrainingDiverged as e:
+            last = checkpoint.latest_step(cfg.run_dir)
+            raise UserError(
+                f"non-finite training at step {r.step + 1} ({e}); stopped. Last good "
+                f"checkpoint: {'step ' + str(last) if last is not None else 'none'}. "
+                f"Lower optim.lr or raise optim.warmup_steps, then --resume") from None
+        status = "stopped" if stopped_by else "finished"
+        if info.is_main:
+            if stopped_by:
+                print(f"stopped on signal {stopped_by} at step {r.step}; checkpoint saved. "
                       f"Continue with --resume", flush=True)
             elif cfg.log.plot:
                 plot_loss(cfg.run_dir)
         return 0
     finally:
+        if r is not None:
+            r.capturer.close(status)  # drains the writer: every queued capture lands
         tdist.shutdown(info)
 
 
@@ -268,7 +322,7 @@ def _tokenizer(cfg: RunConfig, manifest: dict, is_main: bool):
         return None
 
 
-def _print_plan(cfg: RunConfig, info: tdist.DistInfo, accum: int, model) -> None:
+def _print_plan(cfg: RunConfig, info: tdist.DistInfo, accum: int) -> None:
     n = cfg.model.num_params()
     print(
         f"model: {_shape(cfg.model)} ({n / 1e6:.2f}M parameters)\n"

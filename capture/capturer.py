@@ -1,0 +1,272 @@
+"""Capture during training: at scheduled steps, a no-grad forward on every rank's slice of
+the probe set (or of the live micro-batch) with hooks attached from outside the model,
+statistics reduced on the device, and the rest handed to a background writer.
+
+Costs, per capture: one forward of P/world sequences per rank (FSDP all-gathers: a
+collective), a few all-reduces and one all-gather per hook for the statistics, and the
+device-to-host copies. The writing happens behind a bounded queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from capture.async_writer import AsyncWriter
+from capture.hooks import parse_layers, resolve_hooks, schedule
+from capture.stats import neuron_stats, topk_tokens
+from store.schema import Layout
+from store.writer import StoreWriter
+from trainer import dist as tdist
+from trainer.config import ConfigError, RunConfig
+from trainer.data import TokenWindows
+
+COMMIT_TIMEOUT_S = 1800.0  # rank 0 waits this long for the other ranks' parts
+
+
+def hook_width(name: str, cfg) -> int:
+    """Width D of a hook's activation per token (heads flattened for q, k, v, z)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("hook_attn_scores", "hook_pattern"):
+        raise ConfigError(f"capture.hooks: {name} is an attention pattern; patterns are "
+                          f"chosen with capture.attn_layers")
+    if leaf == "hook_scale":
+        return 1
+    if name.endswith(("mlp.hook_pre", "mlp.hook_post")):
+        return 4 * cfg.n_embd
+    return cfg.n_embd
+
+
+def store_url(cfg: RunConfig) -> str:
+    return cfg.capture.store or str(Path(cfg.run_dir) / "capture.zarr")
+
+
+def probe_tokens(cfg: RunConfig) -> torch.Tensor:
+    """The probe set: P held-out (val) windows, the same at every capture and on resume."""
+    c = cfg.capture
+    T = c.probe_len or cfg.seq_len
+    val = TokenWindows(cfg.data.dir, "val", T, seed=c.probe_seed, shuffle=True)
+    x, _ = val.get(np.arange(c.probe_seqs))
+    return x
+
+
+class Capturer:
+    def __init__(self, cfg: RunConfig, info: tdist.DistInfo, model, resume_step: int):
+        self.cfg, self.info, c = cfg, info, cfg.capture
+        self.enabled = c.enabled
+        if not self.enabled:
+            return
+        mc = cfg.model
+        self.hooks = resolve_hooks(c.hooks, list(model.hook_dict), mc.n_layer)
+        widths = {h: hook_width(h, mc) for h in self.hooks}
+        self.attn_layers = parse_layers(c.attn_layers, mc.n_layer)
+        self.steps = schedule(c.every, cfg.train.max_steps, c.log_early, c.at_init)
+        self.slot_of = {s: i for i, s in enumerate(self.steps)}
+        if c.source == "probe":
+            if c.probe_seqs % info.world:
+                raise ConfigError(f"capture.probe_seqs ({c.probe_seqs}) must be a multiple of "
+                                  f"the world size ({info.world}): each rank takes a slice")
+            self.probe = probe_tokens(cfg)
+            P, T = self.probe.shape
+        else:
+            self.probe = None
+            P, T = cfg.train.micro_batch_size * info.world, cfg.seq_len
+        self.per_rank = P // info.world
+        self.seq_start = info.rank * self.per_rank
+        self.attn_seqs = min(c.attn_seqs, P) if self.attn_layers else 0
+        self.layout = Layout(
+            scheduled_steps=self.steps, n_seqs=P, seq_len=T, act_hooks=widths, topk=c.topk,
+            attn_layers=self.attn_layers, n_heads=mc.n_head, attn_seqs=self.attn_seqs,
+            max_steps=cfg.train.max_steps, world=info.world, source=c.source,
+            attrs={"model": cfg.to_dict()["model"], "run": cfg.to_dict()},
+            probe_tokens=None if self.probe is None else self.probe.numpy().astype(np.int32),
+        )
+        url = store_url(cfg)
+        if info.is_main:
+            self.store = StoreWriter.create_or_open(url, self.layout)
+            # Captures and metrics after the step this run starts from are redone by it,
+            # into the same slots (a fresh run starts from -1: nothing is kept).
+            self.store.rollback_after(resume_step)
+            _clear_metrics_after(self.store, max(resume_step, 0), cfg.train.max_steps)
+            self.store.set_status("training")
+        tdist.barrier(info)  # the store exists before the other ranks open it
+        if not info.is_main:
+            self.store = StoreWriter.open(url)
+        self.writer = AsyncWriter(c.queue_size)
+        self._metrics: list[tuple[int, dict]] = []
+        self._compiled = cfg.parallel.compile
+        self._abort = threading.Event()
+        if info.is_main:
+            per, total = self.layout.bytes_per_capture(), self.layout.bytes_total()
+            print(f"capture: {len(self.steps)} captures ({c.source}, {P} x {T} tokens, "
+                  f"{len(self.hooks)} hooks, attention of {len(self.attn_layers)} layers) "
+                  f"into {url}: {_size(per)} per capture, {_size(total)} for the run",
+                  flush=True)
+
+    # ------------------------------------------------------------------ the capture
+
+    def maybe_capture(self, step: int, model, loader=None, accum: int = 1) -> None:
+        """At a scheduled step, capture; every rank must call this every step (at scheduled
+        steps it runs collectives)."""
+        if not self.enabled or step not in self.slot_of:
+            return
+        if tdist.any_rank(self.writer.error is not None, self.info):  # collective
+            self._stop("a capture writer failed")
+            return
+        if self.probe is not None:
+            tokens = self.probe[self.seq_start:self.seq_start + self.per_rank]
+        else:  # the live micro-batch: this rank's first micro-batch of the step just taken
+            tokens, _ = loader.windows.get(loader.indices(max(loader.position - accum, 0)))
+        self._capture(self.slot_of[step], step, model, tokens)
+
+    @torch.no_grad()
+    def _capture(self, slot: int, step: int, model, tokens: torch.Tensor) -> None:
+        info = self.info
+        patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in self.attn_layers]
+        wanted = set(self.hooks) | set(patterns)
+        was_training = model.training
+        model.eval()
+        # Outside the compiled graph: hooks would otherwise force recompilation.
+        eager = torch.compiler.set_stance("force_eager") if self._compiled \
+            else contextlib.nullcontext()
+        with eager:
+            _, cache = model.run_with_cache(tokens.to(info.device), return_type=None,
+                                            names_filter=lambda n: n in wanted)
+        model.train(was_training)
+
+        n = tokens.shape[0]
+        acts, stats, topk = {}, {}, {}
+        for name in self.hooks:  # the same order on every rank: collectives inside
+            a = cache[name].reshape(n, tokens.shape[1], -1)
+            stats[name] = neuron_stats(a, info)
+            topk[name] = topk_tokens(a, self.cfg.capture.topk, self.seq_start, info)
+            acts[name] = _to_host(a.to(torch.float16))
+        attn = {}
+        keep = max(0, min(n, self.attn_seqs - self.seq_start))
+        if keep:
+            for layer, name in zip(self.attn_layers, patterns):
+                attn[layer] = _to_host(cache[name][:keep].to(torch.float16))
+        del cache
+        ready = None
+        if info.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        tok = tokens.to(torch.int32).numpy()
+        store, rank, is_main, start = self.store, info.rank, info.is_main, self.seq_start
+        abort = self._abort
+
+        def write() -> None:
+            store.write_tokens(slot, start, tok)
+            for name, a in acts.items():
+                store.write_acts(name, slot, start, a.numpy())
+            for layer, p in attn.items():
+                for j in range(p.shape[0]):
+                    store.write_attn(layer, slot, start + j, p[j].numpy())
+            if is_main:
+                for name in stats:
+                    store.write_stats(name, slot, stats[name])
+                    store.write_topk(name, slot, *topk[name])
+            store.mark_done(slot, rank)
+            if is_main:
+                t0 = time.monotonic()
+                while not store.all_done(slot):
+                    if abort.is_set():  # the run failed: the capture stays invisible
+                        return
+                    if time.monotonic() - t0 > COMMIT_TIMEOUT_S:
+                        raise TimeoutError(f"capture at step {step}: other ranks' parts "
+                                           f"missing after {COMMIT_TIMEOUT_S:.0f} s")
+                    time.sleep(0.02)
+                store.commit(slot, step)
+
+        self.writer.submit(write, ready)
+
+    # ------------------------------------------------------------------ metrics, end
+
+    def record_metrics(self, step: int, record: dict) -> None:
+        """Rank 0: training curves into the store too, in batches through the writer."""
+        if not self.enabled:
+            return
+        self._metrics.append((step, record))
+        if len(self._metrics) >= 10 or step in self.slot_of:
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        if not self._metrics:
+            return
+        batch, self._metrics = self._metrics, []
+        store = self.store
+
+        def write() -> None:
+            for split, keys, prefix in (("train", TRAIN_METRICS, ""),
+                                        ("val", VAL_METRICS, "val_")):
+                names = [k if k.startswith("hellaswag") else prefix + k for k in keys]
+                rows = [(s, r) for s, r in batch if any(n in r for n in names)]
+                if rows:
+                    steps = np.array([s for s, _ in rows])
+                    values = {k: np.array([r.get(n, np.nan) for _, r in rows], np.float32)
+                              for k, n in zip(keys, names)}
+                    store.write_metrics(split, steps, values)
+
+        self.writer.submit(write)
+
+    def drain(self) -> None:
+        """Wait until every capture so far is committed: before a checkpoint, so that a
+        checkpoint at step s implies every capture up to s is in the store."""
+        if self.enabled:
+            if self.info.is_main:
+                self.flush_metrics()
+            self.writer.drain()
+
+    def close(self, status: str) -> None:
+        """Drain the writer (a failed run does not wait for other ranks' parts)."""
+        if not hasattr(self, "writer"):
+            return
+        if status == "failed":
+            self._abort.set()
+        if self.info.is_main:
+            self.flush_metrics()
+            store = self.store
+            self.writer.submit(lambda: store.set_status(status))
+        self.writer.close()
+        if self.writer.error is not None:
+            print(f"capture writer failed on rank {self.info.rank}: {self.writer.error}",
+                  file=sys.stderr)
+
+    def _stop(self, why: str) -> None:
+        self.enabled = False
+        if self.info.is_main:
+            print(f"capture stopped: {why}; training and checkpoints go on", file=sys.stderr)
+
+
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s")
+VAL_METRICS = ("loss", "hellaswag_acc_norm")
+
+
+def _clear_metrics_after(store, step: int, max_steps: int) -> None:
+    steps = np.arange(step + 1, max_steps + 1)
+    if len(steps):
+        for split, keys in (("train", TRAIN_METRICS), ("val", VAL_METRICS)):
+            store.write_metrics(split, steps, {k: np.full(len(steps), np.nan, np.float32)
+                                               for k in keys})
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t.contiguous()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)  # finished when the writer's `ready` event fires
+    return host
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} TB"

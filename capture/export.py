@@ -1,0 +1,413 @@
+"""Write one captured step out of a run's store as plain files.
+
+    python -m capture.export --step N [--run-dir RUN | --store URL] [--hook NAME ...]
+                             [--format pt|npy|safetensors] [--out DIR] [--list]
+
+Where the store is: `--store` takes a path or an fsspec URL (s3://..., file://...);
+`--run-dir RUN` reads RUN/capture.zarr; with neither, the most recently modified folder
+under ./runs that holds a capture.zarr (the one picked is named on stderr).
+
+`--list` prints what the store holds (captured steps, hooks with their shapes, attention
+layers, source, status) and needs no `--step`.
+
+What an export of step N writes (default --out: RUN/exports, or ./exports with --store),
+for every hook chosen (default all; `--hook` repeats and takes fnmatch patterns such as
+'blocks.*.hook_resid_post'). P = probe sequences, T = tokens per sequence, D = the hook's
+width; activations stay float16 as stored, token ids are int64 in every format:
+
+  pt           {out}/step_{N}/{hook}.pt = torch.save({"activations": float16 [P, T, D],
+                 "tokens": int64 [P, T], "hook": str, "step": int, "source": str})
+  npy          {out}/step_{N}/{hook}.npy (float16 [P, T, D]) and {out}/step_{N}/tokens.npy
+                 (int64 [P, T])
+  safetensors  {out}/step_{N}/{hook}.safetensors with tensors "activations" (F16 [P, T, D])
+                 and "tokens" (I64 [P, T]); metadata (strings): hook, step, source
+
+and, whenever `blocks.4.hook_resid_post` (the block-4 output) is among the hooks exported,
+whatever the format, the seeds' file
+
+  {out}/act_block4_output_step_{N}.pt = torch.save({"activations": float16 [P, T, D],
+                                                    "input_ids": int64 [P, T]})
+
+"tokens" / "input_ids" are the inputs of that capture's forward: the probe set's token ids
+(source "probe"), or the live training micro-batch (source "train").
+
+Every file is written under a temporary name in its final folder and renamed into place,
+so an interrupted export never leaves a partial file under a final name. Activations are
+read one chunk of the store at a time (one sequence, in schema 1) into a file-backed staging array next
+to the outputs, so memory stays bounded however large the capture; a progress bar over
+hooks x sequences shows when the export is large.
+
+Bad input (uncaptured step, unknown hook, missing run dir or store, a store of a newer
+schema, a corrupt store): one line `error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SEEDS_HOOK = "blocks.4.hook_resid_post"
+PROGRESS_MIN_BYTES = 64 << 20  # show a progress bar from this many activation bytes on
+STORE_DIR = "capture.zarr"
+
+
+class UserError(Exception):
+    """Bad input; main() prints it as one `error:` line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other bad input
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m capture.export",
+                description="Write one captured step of a run's activation store as files.",
+                epilog="Files: see the module docstring (python -c 'import capture.export as e;"
+                       " help(e)').")
+    p.add_argument("--step", type=int, help="training step to export (a captured one)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--run-dir", type=Path,
+                       help="run folder holding capture.zarr (default: the most recently "
+                            "modified one under ./runs)")
+    where.add_argument("--store", help="the store itself: a path or an fsspec URL")
+    p.add_argument("--hook", action="append", default=None, metavar="NAME",
+                   help="hook name or fnmatch pattern; repeatable (default: every stored hook)")
+    p.add_argument("--format", choices=("pt", "npy", "safetensors"), default="pt")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default: RUN/exports, or ./exports with --store)")
+    p.add_argument("--list", action="store_true",
+                   help="list the captured steps, hooks and attention layers, and exit")
+    return p
+
+
+# ----------------------------------------------------------------------------- locating
+
+
+def _latest_run(root: Path) -> Path:
+    if not root.is_dir():
+        raise UserError(f"no run dir given and no {root}/ folder here; "
+                        f"pass --run-dir RUN or --store URL")
+    runs = [d for d in root.iterdir() if (d / STORE_DIR).is_dir()]
+    if not runs:
+        raise UserError(f"no run with a {STORE_DIR} under {root}/; "
+                        f"pass --run-dir RUN or --store URL")
+    return max(runs, key=lambda d: (d.stat().st_mtime, d.name))
+
+
+def locate(args) -> tuple[str, Path | None, str | None]:
+    """(store URL, run dir or None, a note for stderr on what was picked, or None)."""
+    if args.store:
+        url = args.store
+        if "://" not in url and not Path(url).exists():
+            raise UserError(f"store {url} not found")
+        return url, None, None
+    note = None
+    run = args.run_dir
+    if run is None:
+        run = _latest_run(Path("runs"))
+        note = f"export: using run dir {run} (the most recently modified under ./runs)"
+    if not run.exists():
+        raise UserError(f"run dir {run} not found")
+    if not run.is_dir():
+        raise UserError(f"run dir {run} is not a folder")
+    if not (run / STORE_DIR).exists():
+        raise UserError(f"run dir {run} has no capture store ({run / STORE_DIR} missing); "
+                        f"was it trained with capture enabled?")
+    return str(run / STORE_DIR), run, note
+
+
+def open_store(url: str):
+    from store.errors import SchemaVersionError, StoreError, StoreNotFound
+    from store.reader import RunStore
+
+    try:
+        return RunStore(url)
+    except SchemaVersionError as e:
+        msg = str(e)
+        if "upgrade" not in msg.lower():
+            msg += "; upgrade this project to read it"
+        raise UserError(msg) from None
+    except StoreNotFound as e:
+        raise UserError(str(e)) from None
+    except StoreError as e:
+        raise UserError(str(e)) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # zarr/json on a broken store
+        if not _raised_by_storage(e):
+            raise
+        raise UserError(f"cannot open store {url}: {type(e).__name__}: {_one_line(e)}"
+                        ) from None
+
+
+def _raised_by_storage(e: BaseException) -> bool:
+    """Whether an exception came out of the storage stack (zarr, its codecs, json, fsspec,
+    the store package) or the file system: what a corrupt or unreadable store raises."""
+    if isinstance(e, OSError):
+        return True
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    parts = Path(last or "").parts
+    return any(p in ("zarr", "numcodecs", "json", "fsspec", "store") for p in parts)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def _fmt_steps(steps: np.ndarray, short: int = 12) -> str:
+    n = len(steps)
+    if n == 0:
+        return "0 captured (none committed yet)"
+    if n <= short:
+        return f"{n} captured: {', '.join(str(int(s)) for s in steps)}"
+    return f"{n} captured, first {int(steps[0])}, last {int(steps[-1])}"
+
+
+def list_store(rs, url: str) -> None:
+    P, T = rs.n_seqs, rs.seq_len
+    print(f"store: {url}")
+    print(f"schema: {rs.schema_version}  status: {rs.status}  source: {rs.source}")
+    print(f"steps: {_fmt_steps(np.asarray(rs.steps()))}")
+    print(f"sequences: {P} x {T} tokens per capture")
+    hooks = rs.hooks
+    print(f"hooks ({len(hooks)}), activations per step [P, T, D] float16:")
+    width = max((len(h) for h in hooks), default=0)
+    for h, d in hooks.items():
+        print(f"  {h:<{width}}  [{P}, {T}, {d}]")
+    layers = list(rs.attn_layers)
+    if layers:
+        print(f"attention: layers {', '.join(str(x) for x in layers)} "
+              f"({rs.n_heads} heads, {rs.attn_seqs} sequences, [H, T, T] each)")
+    else:
+        print("attention: none")
+
+
+# ----------------------------------------------------------------------------- choosing
+
+
+def check_step(rs, step: int) -> None:
+    steps = np.asarray(rs.steps())
+    if step in set(int(s) for s in steps):
+        return
+    if len(steps) == 0:
+        raise UserError(f"step {step} was not captured: the store has no committed "
+                        f"captures yet")
+    before, after = rs.nearest_steps(step)
+    near = []
+    if before is not None:
+        near.append(f"before: {before}")
+    if after is not None:
+        near.append(f"after: {after}")
+    raise UserError(f"step {step} was not captured; nearest captured steps "
+                    f"{', '.join(near)} (--list shows all {len(steps)})")
+
+
+def choose_hooks(stored: list[str], wanted: list[str] | None) -> list[str]:
+    if not wanted:
+        return list(stored)
+    chosen: list[str] = []
+    for pat in wanted:
+        hits = [h for h in stored if fnmatch.fnmatchcase(h, pat)]
+        if not hits:
+            raise UserError(f"hook {pat!r} is not in the store; stored hooks: "
+                            f"{', '.join(stored) or '(none)'}")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class _Atomic:
+    """A temporary path next to `final`; renamed onto it on success, removed on failure."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.final)
+        else:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
+def _save_torch(obj, path: Path) -> None:
+    import torch
+
+    with _Atomic(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _save_npy(arr: np.ndarray, path: Path) -> None:
+    with _Atomic(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str],
+                       block: int = 1) -> None:
+    """The safetensors format written directly (8-byte header length, JSON header, raw
+    little-endian bytes), streaming the arrays `block` leading rows at a time, so a
+    file-backed array is never copied into memory whole."""
+    dtypes = {np.dtype("float16"): "F16", np.dtype("float32"): "F32", np.dtype("int64"): "I64",
+              np.dtype("int32"): "I32"}
+    header: dict = {"__metadata__": dict(meta)}
+    off = 0
+    for name, a in tensors.items():
+        header[name] = {"dtype": dtypes[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with _Atomic(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for a in tensors.values():
+                a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+                for i in range(0, max(len(a), 1), block):
+                    f.write(np.ascontiguousarray(a[i:i + block]).tobytes())
+
+
+def _seqs_per_chunk(rs, hook: str) -> int:
+    """Sequences in one chunk of acts/<hook> (one, in schema 1): the unit the export reads."""
+    try:
+        return max(1, int(rs.act_chunks(hook)[1]))
+    except Exception:  # noqa: BLE001 - advisory only; the read itself reports a broken array
+        return 1
+
+
+def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Path]:
+    from tqdm import tqdm
+
+    P, T = rs.n_seqs, rs.seq_len
+    dims = rs.hooks
+    source = str(rs.source)
+    tokens = np.asarray(rs.tokens(step)).astype(np.int64)
+    step_dir = out / f"step_{step}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    total_bytes = sum(P * T * dims[h] * 2 for h in hooks)
+    bar = tqdm(total=len(hooks) * P, unit="seq", desc=f"export step {step}", file=sys.stderr,
+               disable=total_bytes < PROGRESS_MIN_BYTES, dynamic_ncols=True)
+    torch = None
+    if fmt == "pt" or SEEDS_HOOK in hooks:
+        import torch
+    try:
+        if fmt == "npy":
+            path = step_dir / "tokens.npy"
+            _save_npy(tokens, path)
+            written.append(path)
+        for hook in hooks:
+            D = dims[hook]
+            bar.set_postfix_str(hook, refresh=False)
+            final = step_dir / f"{hook}.{fmt}"
+            # stage the activations in a file-backed array next to the outputs
+            if fmt == "npy":
+                stage_path = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            else:
+                stage_path = step_dir / f".{hook}.stage-{os.getpid()}"
+            try:
+                acts = np.lib.format.open_memmap(stage_path, mode="w+", dtype=np.float16,
+                                                 shape=(P, T, D))
+                n = _seqs_per_chunk(rs, hook)
+                for lo in range(0, P, n):  # chunk by chunk: each chunk is decoded once
+                    hi = min(P, lo + n)
+                    acts[lo:hi] = rs.activations(hook, step, seq=lo if n == 1 else
+                                                 slice(lo, hi))
+                    bar.update(hi - lo)
+                acts.flush()
+                if fmt == "pt":
+                    _save_torch({"activations": torch.from_numpy(acts),
+                                 "tokens": torch.from_numpy(tokens), "hook": hook,
+                                 "step": step, "source": source}, final)
+                elif fmt == "safetensors":
+                    _write_safetensors(final, {"activations": acts, "tokens": tokens},
+                                       {"hook": hook, "step": str(step), "source": source})
+                if hook == SEEDS_HOOK:
+                    seeds = out / f"act_block4_output_step_{step}.pt"
+                    _save_torch({"activations": torch.from_numpy(acts),
+                                 "input_ids": torch.from_numpy(tokens)}, seeds)
+                if fmt == "npy":
+                    del acts
+                    os.replace(stage_path, final)
+                written.append(final)
+                if hook == SEEDS_HOOK:
+                    written.append(seeds)
+            finally:
+                acts = None
+                stage_path.unlink(missing_ok=True)
+    finally:
+        bar.close()
+    return written
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args) -> int:
+    if not args.list and args.step is None:
+        raise UserError("--step N is required (or --list to see the captured steps)")
+    url, run_dir, note = locate(args)
+    rs = open_store(url)
+    from store.errors import StoreError
+
+    try:
+        if args.list:
+            if note:
+                print(note, file=sys.stderr)
+            list_store(rs, url)
+            return 0
+        check_step(rs, args.step)
+        hooks = choose_hooks(list(rs.hooks), args.hook)
+        out = args.out or ((run_dir / "exports") if run_dir is not None else Path("exports"))
+        if note:
+            print(note, file=sys.stderr)
+        written = export_step(rs, args.step, hooks, args.format, out)
+    except StoreError as e:
+        raise UserError(str(e)) from None
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        if not _raised_by_storage(e):  # a bug here, not a broken store: keep the traceback
+            raise
+        raise UserError(f"cannot read store {url}: {type(e).__name__}: {_one_line(e)}") from None
+    for p in written:
+        print(p)
+    print(f"exported step {args.step}: {len(hooks)} hook(s), {args.format}, to "
+          f"{out / f'step_{args.step}'}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except UserError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial file was left under a final name",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Which activations to take: hook names and patterns resolved against the model's own
+TransformerLens hook points, and the capture schedule."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from trainer.config import ConfigError
+
+
+def default_hooks(n_layer: int) -> list[str]:
+    """Every block's residual output, and the neurons of the middle block's MLP."""
+    return [f"blocks.{i}.hook_resid_post" for i in range(n_layer)] + \
+        [f"blocks.{n_layer // 2}.mlp.hook_post"]
+
+
+def resolve_hooks(spec: str, valid: list[str], n_layer: int) -> list[str]:
+    """`spec`: "default", or comma-separated names and patterns (`blocks.*.hook_resid_post`,
+    `blocks.4.mlp.hook_post`, `blocks.[0-3].hook_resid_post`). Order follows the model."""
+    if spec.strip() == "default":
+        return default_hooks(n_layer)
+    chosen: set[str] = set()
+    for pat in (p.strip() for p in spec.split(",")):
+        if not pat:
+            continue
+        hits = [n for n in valid if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ConfigError(
+                f"capture.hooks: {pat!r} matches no hook of this model; valid: "
+                f"{_summarise(valid)}"
+            )
+        chosen.update(hits)
+    if not chosen:
+        raise ConfigError("capture.hooks is empty; use 'default' or name at least one hook")
+    return [n for n in valid if n in chosen]
+
+
+def _summarise(valid: list[str]) -> str:
+    """The valid names with layer numbers folded: blocks.{0..11}.hook_resid_post, ..."""
+    layers = sorted({int(m.group(1)) for n in valid if (m := re.match(r"blocks\.(\d+)\.", n))})
+    folded, seen = [], set()
+    for n in valid:
+        g = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", n)
+        if g not in seen:
+            seen.add(g)
+            folded.append(g)
+    span = f" (l = {layers[0]}..{layers[-1]})" if layers else ""
+    return ", ".join(folded) + span
+
+
+def parse_layers(spec: str, n_layer: int) -> list[int]:
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n_layer))
+    if spec in ("none", ""):
+        return []
+    try:
+        layers = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise ConfigError(f"capture.attn_layers must be all, none or e.g. '0,5'; got {spec!r}") \
+            from None
+    bad = [x for x in layers if not 0 <= x < n_layer]
+    if bad:
+        raise ConfigError(f"capture.attn_layers: no layer {bad[0]} (the model has 0..{n_layer - 1})")
+    return layers
+
+
+def schedule(every: int, max_steps: int, log_early: bool, at_init: bool) -> list[int]:
+    """Steps to capture at: 0 (the initial weights), 1, 2, 4, ... below `every`, every
+    multiple of `every`, and the final step."""
+    steps = set(range(every, max_steps + 1, every)) | {max_steps}
+    if at_init:
+        steps.add(0)
+    if log_early:
+        s = 1
+        while s < min(every, max_steps):
+            steps.add(s)
+            s *= 2
+    return sorted(steps)

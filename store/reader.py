@@ -1,0 +1,320 @@
+"""RunStore: the lazy reader of a run's capture store (the dashboard's and export's view).
+
+Opening reads the root zarr.json only; every method reads only the chunks its answer needs
+(contract 4), and sees only committed captures (captures/step[c] != -1), so it can read a
+store while a run writes it. numpy and zarr only: no torch here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from ._common import layout_of, open_array, open_store, read_root, url_str
+from .errors import CorruptStore, StoreError
+from .schema import AXES, STATS, Layout
+
+_RETRIES = 3  # a chunk replaced under a reader on a store without atomic writes: read again
+
+
+class RunStore:
+    """A run's capture store, read lazily. `url`: a path, a file:// or other fsspec URL."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url_str(url)
+        self._store = open_store(url, storage_options, read_only=True)
+        self._arrays: dict[str, zarr.Array] = {}
+        self._C: int | None = None
+        self._set_attrs(read_root(self._store, self.url))
+
+    def _set_attrs(self, attrs: dict) -> None:
+        L = layout_of(attrs, self.url)
+        self.attrs: dict = attrs
+        self.schema_version: int = int(attrs["schema_version"])
+        self.layout: Layout = L
+        # k of the top-k is `k` (and layout.topk): `topk` is the method reading them
+        self.n_seqs, self.seq_len, self.k = L.n_seqs, L.seq_len, L.topk
+        self.hooks: dict[str, int] = dict(L.act_hooks)
+        self.attn_layers: list[int] = L.stored_attn_layers
+        self.n_heads, self.attn_seqs = L.n_heads, L.attn_seqs
+        self.source, self.max_steps, self.world = L.source, L.max_steps, L.world
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.url!r})"
+
+    # ------------------------------------------------------------------ live root attrs
+
+    def refresh(self) -> None:
+        """Re-read the root attributes (status, run config; a resume may extend the layout)."""
+        self._set_attrs(read_root(self._store, self.url))
+        self._arrays.clear()
+
+    @property
+    def status(self) -> str:
+        """The run's status, re-read from the store on every access."""
+        try:
+            self.attrs = read_root(self._store, self.url)
+        except StoreError:
+            pass  # keep the last one seen
+        return str(self.attrs.get("status", "unknown"))
+
+    @property
+    def updated_at(self) -> str | None:
+        return self.attrs.get("updated_at")
+
+    # ------------------------------------------------------------------ reading
+
+    def _array(self, path: str) -> zarr.Array:
+        arr = self._arrays.get(path)
+        if arr is None:
+            try:
+                arr = open_array(self._store, path, "r")
+            except (FileNotFoundError, KeyError) as e:
+                raise CorruptStore(f"store {self.url} is corrupt: array {path} is missing "
+                                   f"({type(e).__name__})") from None
+            self._arrays[path] = arr
+        return arr
+
+    def _read(self, path: str, sel: Any) -> np.ndarray:
+        for attempt in range(_RETRIES):
+            try:
+                return np.asarray(self._array(path)[sel])
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - zarr/codec/fs errors, worded below
+                if attempt == _RETRIES - 1:
+                    raise CorruptStore(f"cannot read {path} of store {self.url}: "
+                                       f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                                       ) from None
+                self._arrays.pop(path, None)
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _committed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(committed steps ascending, their slots), from a fresh read of captures/step."""
+        for attempt in range(_RETRIES):
+            try:
+                arr = open_array(self._store, "captures/step", "r")
+                vals = np.asarray(arr[:])
+                break
+            except (FileNotFoundError, KeyError):
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)  # still being created
+            except Exception as e:  # noqa: BLE001
+                if attempt == _RETRIES - 1:
+                    raise CorruptStore(f"cannot read captures/step of store {self.url}: "
+                                       f"{type(e).__name__}: {e}") from None
+                time.sleep(0.05 * (attempt + 1))
+        if self._C != arr.shape[0]:  # a resume extended the store: array metadata is stale
+            if self._C is not None:
+                self._arrays.clear()
+            self._C = arr.shape[0]
+        self._arrays["captures/step"] = arr
+        slots = np.nonzero(vals >= 0)[0]
+        steps = vals[slots]
+        order = np.argsort(steps, kind="stable")
+        return steps[order].astype(np.int64), slots[order].astype(np.int64)
+
+    def steps(self) -> np.ndarray:
+        """Committed steps, ascending (re-read on every call: the store may be live)."""
+        return self._committed()[0]
+
+    def nearest_steps(self, step: int) -> tuple[int | None, int | None]:
+        """(the largest committed step <= step, the smallest committed step >= step)."""
+        steps = self.steps()
+        i = int(np.searchsorted(steps, int(step), side="right"))
+        before = int(steps[i - 1]) if i > 0 else None
+        j = int(np.searchsorted(steps, int(step), side="left"))
+        after = int(steps[j]) if j < len(steps) else None
+        return before, after
+
+    def slot(self, step: int) -> int:
+        """The slot of a committed step; StoreError naming the nearest ones otherwise."""
+        steps, slots = self._committed()
+        step = int(step)
+        i = int(np.searchsorted(steps, step))
+        if i < len(steps) and steps[i] == step:
+            return int(slots[i])
+        if not len(steps):
+            raise StoreError(f"step {step} is not captured: store {self.url} has no committed "
+                             f"captures yet")
+        before = int(steps[i - 1]) if i > 0 else None
+        after = int(steps[i]) if i < len(steps) else None
+        near = ", ".join(f"{w} {s}" for w, s in (("before", before), ("after", after))
+                         if s is not None)
+        raise StoreError(f"step {step} is not captured; nearest captured steps: {near} "
+                         f"({len(steps)} captured)")
+
+    def _check_hook(self, hook: str) -> int:
+        if hook not in self.hooks:
+            raise StoreError(f"hook {hook!r} is not stored; stored hooks: "
+                             f"{', '.join(self.hooks) or '(none)'}")
+        return self.hooks[hook]
+
+    def _check_seq(self, seq: int, limit: int | None = None, what: str = "sequence") -> int:
+        n = self.n_seqs if limit is None else limit
+        seq = int(seq)
+        if not 0 <= seq < n:
+            raise StoreError(f"{what} {seq} is out of range 0..{n - 1}")
+        return seq
+
+    def tokens(self, step: int, seq: int | None = None) -> np.ndarray:
+        """The token ids the capture at `step` ran on: [P, T], or [T] for one sequence."""
+        s = self.slot(step)
+        if seq is None:
+            return self._read("inputs/tokens", (s,))
+        return self._read("inputs/tokens", (s, self._check_seq(seq)))
+
+    def probe_tokens(self) -> np.ndarray | None:
+        """The probe set [P, T] (source "probe"), else None."""
+        if self.source != "probe":
+            return None
+        try:
+            return self._read("probe/tokens", (slice(None), slice(None)))
+        except CorruptStore:
+            if self._being_created():
+                return None
+            raise
+
+    def _being_created(self) -> bool:
+        """Whether the writer is still creating the store's arrays: it creates captures/step
+        last, so until it exists other arrays may be missing without the store being
+        corrupt (a reader then sees an empty store)."""
+        try:
+            open_array(self._store, "captures/step", "r")
+            return False
+        except (FileNotFoundError, KeyError):
+            return True
+
+    def act_chunks(self, hook: str) -> tuple[int, ...]:
+        """The chunk shape of acts/<hook> (export reads one chunk of sequences at a time)."""
+        self._check_hook(hook)
+        return tuple(self._array(f"acts/{hook}").chunks)
+
+    def activations(self, hook: str, step: int, seq: int | slice | None = None) -> np.ndarray:
+        """float16 [T, D] for one sequence, or [n, T, D] for a slice (None: all P)."""
+        self._check_hook(hook)
+        s = self.slot(step)
+        if seq is None:
+            sel: Any = (s,)
+        elif isinstance(seq, slice):
+            r = range(self.n_seqs)[seq]
+            if r.step != 1:
+                return np.stack([self._read(f"acts/{hook}", (s, i)) for i in r]) if len(r) \
+                    else np.zeros((0, self.seq_len, self.hooks[hook]), np.float16)
+            sel = (s, slice(r.start, r.stop))
+        else:
+            sel = (s, self._check_seq(seq))
+        return self._read(f"acts/{hook}", sel)
+
+    def stat(self, hook: str, stat: str, neuron: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(committed steps, values): [n] for one neuron, [n, D] for all of them."""
+        D = self._check_hook(hook)
+        if stat not in STATS:
+            raise StoreError(f"unknown statistic {stat!r}; stored: {', '.join(STATS)}")
+        steps, slots = self._committed()
+        if neuron is not None:
+            neuron = self._check_seq(neuron, D, "neuron")
+        if not len(steps):
+            return steps, np.zeros((0,) if neuron is not None else (0, D), np.float32)
+        m = int(slots.max()) + 1  # only the rows up to the last committed slot
+        sel = (slice(0, m), neuron) if neuron is not None else (slice(0, m), slice(None))
+        return steps, self._read(f"stats/{hook}/{stat}", sel)[slots]
+
+    def stats_at(self, hook: str, step: int, neuron: int | None = None
+                 ) -> dict[str, np.ndarray]:
+        """Every statistic of `hook` at one step: each [D], or a scalar for one neuron (then
+        one chunk per statistic is read)."""
+        D = self._check_hook(hook)
+        col: Any = slice(None) if neuron is None else self._check_seq(neuron, D, "neuron")
+        s = self.slot(step)
+        return {st: self._read(f"stats/{hook}/{st}", (s, col)) for st in STATS}
+
+    def topk(self, hook: str, step: int, neuron: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(values, seq, pos) of the neuron's top-k tokens at `step`, largest first."""
+        D = self._check_hook(hook)
+        neuron = self._check_seq(neuron, D, "neuron")
+        s = self.slot(step)
+        v = self._read(f"topk/{hook}/value", (s, neuron))
+        i = self._read(f"topk/{hook}/index", (s, neuron)).astype(np.int64)
+        ok = i >= 0
+        v, i = v[ok], i[ok]
+        return v, i // self.seq_len, i % self.seq_len
+
+    def attention(self, layer: int, step: int, seq: int, head: int | None = None) -> np.ndarray:
+        """float16 attention pattern [H, T, T] (query, key), or [T, T] for one head."""
+        if int(layer) not in self.attn_layers:
+            raise StoreError(f"attention of layer {layer} is not stored; stored layers: "
+                             f"{', '.join(map(str, self.attn_layers)) or '(none)'}")
+        seq = self._check_seq(seq, self.attn_seqs, "attention sequence")
+        s = self.slot(step)
+        if head is None:
+            return self._read(f"attn/{int(layer)}", (s, seq))
+        return self._read(f"attn/{int(layer)}",
+                          (s, seq, self._check_seq(head, self.n_heads, "head")))
+
+    def metrics(self, split: str = "train") -> dict[str, np.ndarray]:
+        """{"step": the steps written so far, name: values}; rows no metric has are dropped."""
+        names = self.layout.metrics.get(split)
+        if names is None:
+            raise StoreError(f"no metrics split {split!r}; stored: "
+                             f"{', '.join(self.layout.metrics)}")
+        try:
+            vals = {n: self._read(f"metrics/{split}/{n}", slice(None)) for n in names}
+        except CorruptStore:
+            if self._being_created():
+                vals = {}
+            else:
+                raise
+        if not vals or self.max_steps == 0:
+            return {"step": np.zeros(0, np.int64), **{n: np.zeros(0, np.float32) for n in names}}
+        keep = np.zeros(self.max_steps, bool)
+        for v in vals.values():
+            keep[:len(v)] |= ~np.isnan(v[:self.max_steps])
+        idx = np.nonzero(keep)[0]
+        return {"step": idx + 1, **{n: v[idx] for n, v in vals.items()}}
+
+    # ------------------------------------------------------------------ explorer
+
+    def arrays(self, sizes: bool = True) -> list[dict]:
+        """Every array: path, shape, dtype, chunks, bytes stored (best effort; None when
+        unknown), uncompressed bytes, codecs, who writes it, and a line per axis."""
+        out = []
+        for spec in self.layout.array_specs():
+            try:
+                arr = self._array(spec.path)
+                shape, dtype, chunks = tuple(arr.shape), str(arr.dtype), tuple(arr.chunks)
+                codecs = [c.to_dict()["name"] for c in arr.metadata.codecs]
+            except StoreError:
+                shape, dtype, chunks, codecs = spec.shape, spec.dtype, spec.chunks, []
+            out.append({
+                "path": spec.path, "shape": shape, "dtype": dtype, "chunks": chunks,
+                "codecs": codecs,
+                "bytes_stored": self._stored_bytes(spec.path) if sizes else None,
+                "bytes": int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize,
+                "meaning": spec.meaning, "written_by": spec.writer,
+                "axes": [f"{a}: {AXES[a]}" for a in spec.axes],
+            })
+        return out
+
+    def _stored_bytes(self, path: str) -> int | None:
+        try:
+            if isinstance(self._store, LocalStore):
+                total = 0
+                for dirpath, _, files in os.walk(Path(self._store.root) / path):
+                    for f in files:
+                        try:
+                            total += os.stat(os.path.join(dirpath, f)).st_size
+                        except OSError:
+                            pass
+                return total
+            return int(sync(self._store.getsize_prefix(path)))
+        except Exception:  # noqa: BLE001 - best effort
+            return None

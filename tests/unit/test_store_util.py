@@ -1,0 +1,154 @@
+"""Helpers for the store tests (no tests here): a small layout, capture data that is a known
+function of the step (so any reader can verify what it sees), rank workers that run in
+their own processes, and a way to start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from store.schema import STATS, Layout  # noqa: E402
+
+P, T, H, K = 4, 8, 2, 3
+HOOKS = {"blocks.0.hook_resid_post": 16, "blocks.1.mlp.hook_post": 200}
+ATTN = [0, 2]
+A = 2
+
+
+def layout(steps=(0, 5, 10, 15), world: int = 2, source: str = "probe", max_steps: int = 20,
+           hooks: dict | None = None, **kw) -> Layout:
+    return Layout(scheduled_steps=list(steps), n_seqs=P, seq_len=T,
+                  act_hooks=dict(hooks or HOOKS), topk=K, attn_layers=list(ATTN), n_heads=H,
+                  attn_seqs=A, max_steps=max_steps, world=world, source=source,
+                  attrs={"model": {"n_layer": 3, "n_embd": 16}, "run": {"seed": 1}},
+                  probe_tokens=probe() if source == "probe" else None, **kw)
+
+
+def probe() -> np.ndarray:
+    return (np.arange(P * T).reshape(P, T) * 7 % 50257).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- data = f(step)
+
+def acts(step: int, hook: str, seqs: range) -> np.ndarray:
+    D = HOOKS[hook]
+    h = sorted(HOOKS).index(hook)
+    s = np.asarray(list(seqs))[:, None, None]
+    v = (step * 31 + h * 7 + s * 3 + np.arange(T)[None, :, None] * 5
+         + np.arange(D)[None, None, :]) % 97 - 48
+    return (v / 8).astype(np.float16)  # multiples of 1/8 within +-6: exact in float16
+
+
+def tokens(step: int, seqs: range) -> np.ndarray:
+    s = np.asarray(list(seqs))[:, None]
+    return ((step * 13 + s * 101 + np.arange(T)[None, :]) % 50257).astype(np.int32)
+
+
+def stats(step: int, hook: str) -> dict[str, np.ndarray]:
+    D = HOOKS[hook]
+    return {st: (step + i * 0.25 + np.arange(D) / 8).astype(np.float32)
+            for i, st in enumerate(STATS)}
+
+
+def topk(step: int, hook: str) -> tuple[np.ndarray, np.ndarray]:
+    D = HOOKS[hook]
+    v = (step + np.arange(D)[:, None] - np.arange(K)[None, :]).astype(np.float32)
+    i = ((np.arange(D)[:, None] * K + np.arange(K)[None, :] + step) % (P * T)).astype(np.int32)
+    return v, i
+
+
+def attn(step: int, layer: int, seq: int) -> np.ndarray:
+    v = (step + layer * 3 + seq + np.arange(H)[:, None, None] + np.arange(T)[None, :, None]
+         + np.zeros((1, 1, T))) % 11
+    return (np.tril(v) / 16).astype(np.float16)
+
+
+def loss(step: int) -> float:
+    return float(np.float32(10.0 / (step + 1)))
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_part(w, slot: int, step: int, rank: int, world: int, *, done: bool = True,
+               pause: float = 0.0) -> None:
+    """One rank's part of capture `slot`, as the capture writer does it."""
+    n = P // world
+    seqs = range(rank * n, (rank + 1) * n)
+    w.write_tokens(slot, seqs.start, tokens(step, seqs))
+    for hook in HOOKS:
+        w.write_acts(hook, slot, seqs.start, acts(step, hook, seqs))
+        if pause:
+            time.sleep(pause)
+    for layer in ATTN:
+        for s in seqs:
+            if s < A:
+                w.write_attn(layer, slot, s, attn(step, layer, s))
+    if rank == 0:
+        for hook in HOOKS:
+            w.write_stats(hook, slot, stats(step, hook))
+            w.write_topk(hook, slot, *topk(step, hook))
+    if done:
+        w.mark_done(slot, rank)
+
+
+def rank_worker(url: str, rank: int, world: int, steps: list[int], ready: str) -> None:
+    """A rank process: wait for the store, write its half of every capture, mark it done;
+    rank 0 also commits each capture once every rank marked it."""
+    from store.writer import StoreWriter
+
+    t0 = time.monotonic()
+    while not Path(ready).exists():  # rank 0's create_or_open finished
+        if time.monotonic() - t0 > 30:
+            raise TimeoutError("store never created")
+        time.sleep(0.01)
+    w = StoreWriter.open(url)
+    for slot, step in enumerate(steps):
+        write_part(w, slot, step, rank, world)
+        if rank == 0:
+            while not w.all_done(slot):
+                time.sleep(0.005)
+            w.commit(slot, step)
+    w.close()
+
+
+def run_py(code: str, **popen) -> subprocess.Popen:
+    """A fresh interpreter running `code` with the project and this folder importable."""
+    prelude = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(HERE)!r}]\n"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", prelude + code], env=env, text=True,
+                            **popen)
+
+
+def check_capture(rs, step: int) -> None:
+    """Everything RunStore returns for a committed `step` equals what was written."""
+    for hook, D in HOOKS.items():
+        np.testing.assert_array_equal(rs.activations(hook, step), acts(step, hook, range(P)))
+        np.testing.assert_array_equal(rs.activations(hook, step, 1), acts(step, hook, [1])[0])
+        at = rs.stats_at(hook, step)
+        for st, v in stats(step, hook).items():
+            np.testing.assert_array_equal(at[st], v)
+        v, i = topk(step, hook)
+        val, seq, pos = rs.topk(hook, step, 3)
+        np.testing.assert_array_equal(val, v[3])
+        np.testing.assert_array_equal(seq * T + pos, i[3])
+    np.testing.assert_array_equal(rs.tokens(step), tokens(step, range(P)))
+    for layer in ATTN:
+        for s in range(A):
+            np.testing.assert_array_equal(rs.attention(layer, step, s), attn(step, layer, s))
+            np.testing.assert_array_equal(rs.attention(layer, step, s, head=1),
+                                          attn(step, layer, s)[1])
+
+
+def dump(obj) -> str:
+    return json.dumps(obj)
