@@ -33,9 +33,9 @@ whatever the format, the seeds' file
 
 Every file is written under a temporary name in its final folder and renamed into place,
 so an interrupted export never leaves a partial file under a final name. Activations are
-read one chunk of the store at a time (one sequence, in schema 1) into a file-backed staging array next
-to the outputs, so memory stays bounded however large the capture; a progress bar over
-hooks x sequences shows when the export is large.
+read one chunk of the store at a time (one sequence, in schema 1) into a file-backed
+staging array next to the outputs, so memory stays bounded however large the capture; a
+progress bar over hooks x sequences shows when the export is large.
 
 Bad input (uncaptured step, unknown hook, missing run dir or store, a store of a newer
 schema, a corrupt store): one line `error: ...` on stderr and exit status 2.
@@ -68,10 +68,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__ or ""
+    files = doc[doc.find("What an export"):doc.find("Every file is written")].strip()
     p = _Parser(prog="python -m capture.export",
                 description="Write one captured step of a run's activation store as files.",
-                epilog="Files: see the module docstring (python -c 'import capture.export as e;"
-                       " help(e)').")
+                epilog=files, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", type=int, help="training step to export (a captured one)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--run-dir", type=Path,
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--store", help="the store itself: a path or an fsspec URL")
     p.add_argument("--hook", action="append", default=None, metavar="NAME",
                    help="hook name or fnmatch pattern; repeatable (default: every stored hook)")
-    p.add_argument("--format", choices=("pt", "npy", "safetensors"), default="pt")
+    p.add_argument("--format", choices=("pt", "npy", "safetensors"), default="pt",
+                   help="file format (default: pt)")
     p.add_argument("--out", type=Path,
                    help="output folder (default: RUN/exports, or ./exports with --store)")
     p.add_argument("--list", action="store_true",

@@ -10,111 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import threading
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.codecs import BytesCodec, ZstdCodec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from ._common import (KEY_ENCODING, as_array, layout_of, now_iso, open_array,
-                      open_store, read_root, syncfs, url_str)
+from ._chunks import ChunkCodec, make_sink
+from ._common import as_array, layout_of, now_iso, open_array, open_store, read_root, syncfs, url_str
+from ._create import create, done_slot, list_keys, reconcile
 from .errors import StoreError, StoreNotFound
-from .schema import (METRICS, RESERVED_ATTRS, SCHEMA_VERSION, STATS, STATUSES, ArraySpec,
-                     Layout)
+from .schema import STATS, STATUSES, Layout
 
-# Threads writing the chunks of one write_acts call to a local disk (benchmarks/store_write.py
-# measured 2 best on 2 cores; more threads only contend). STORE_WRITE_THREADS overrides.
+# Threads writing the chunks of one call (benchmarks/store_write.py: on 2 cores, 2 and 4
+# are alike and beat 1). STORE_WRITE_THREADS overrides.
 DEFAULT_THREADS = int(os.environ.get("STORE_WRITE_THREADS", "2"))
-
-
-# ----------------------------------------------------------------------------- chunk sinks
-
-class _LocalSink:
-    """Whole encoded chunks straight to files: temp file + rename, like zarr's LocalStore
-    (readers see the old chunk or the new one, never half of one), several at a time."""
-
-    def __init__(self, root: Path, threads: int):
-        self.root, self.threads = str(root), max(1, threads)
-        self._dirs: set[str] = set()
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def _put(self, key: str, buf: Any) -> None:
-        path = os.path.join(self.root, key)
-        d = os.path.dirname(path)
-        if d not in self._dirs:
-            os.makedirs(d, exist_ok=True)
-            self._dirs.add(d)
-        tmp = f"{path}.{uuid.uuid4().hex[:16]}.partial"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buf)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-
-    def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
-        if len(items) == 1 or self.threads == 1:
-            for k, b in items:
-                self._put(k, b)
-            return
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="store-write")
-        for fut in [self._pool.submit(self._put, k, b) for k, b in items]:
-            fut.result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-
-class _StoreSink:
-    """Whole encoded chunks through the zarr store's own async set (fsspec URLs), as many at
-    a time as zarr's `async.concurrency` allows."""
-
-    def __init__(self, store: Store):
-        self.store = store
-
-    def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
-        proto = default_buffer_prototype()
-        limit = int(zarr.config.get("async.concurrency") or 10)
-
-        async def go() -> None:
-            sem = asyncio.Semaphore(limit)
-
-            async def one(key: str, a: np.ndarray) -> None:
-                async with sem:
-                    await self.store.set(key, proto.buffer.from_array_like(
-                        a.reshape(-1).view(np.uint8)))
-
-            await asyncio.gather(*(one(k, b) for k, b in items))
-
-        sync(go())
-
-    def close(self) -> None:
-        pass
-
-
-def _raw_chunks(arr: zarr.Array) -> bool:
-    """Whether a chunk of `arr` is its C-order little-endian bytes (no compressor)."""
-    codecs = arr.metadata.codecs
-    return (sys.byteorder == "little" and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
-            and (codecs[0].endian is None or codecs[0].endian.value == "little"))
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -128,11 +41,10 @@ class StoreWriter:
         self.layout = layout_of(attrs, url)
         self._arrays: dict[str, zarr.Array] = {}
         self._lock = threading.Lock()
-        self._local = Path(store.root) if isinstance(store, LocalStore) else None
+        self._local = store.root if isinstance(store, LocalStore) else None
         self._durable = bool(durable) and self._local is not None
-        threads = DEFAULT_THREADS if threads is None else threads
-        self._sink = _LocalSink(self._local, threads) if self._local is not None \
-            else _StoreSink(store)
+        self._sink = make_sink(store, DEFAULT_THREADS if threads is None else threads)
+        self._codecs: dict[str, ChunkCodec | None] = {}
         self._sched = np.asarray(self.layout.scheduled_steps, np.int64)
 
     # ------------------------------------------------------------------ opening
@@ -152,9 +64,9 @@ class StoreWriter:
         except StoreNotFound:
             attrs = None
         if attrs is None:
-            attrs = _create(store, layout)
+            attrs = create(store, layout)
         else:
-            attrs = _reconcile(store, u, attrs, layout)
+            attrs = reconcile(store, u, attrs, layout)
         return cls(store, u, attrs, durable=durable, threads=threads)
 
     @classmethod
@@ -211,6 +123,56 @@ class StoreWriter:
         if self._durable:
             syncfs(self._local)
 
+    def _codec(self, path: str) -> ChunkCodec | None:
+        if path not in self._codecs:
+            self._codecs[path] = ChunkCodec.of(self._array(path))
+        return self._codecs[path]
+
+    def _put_chunks(self, path: str, blocks: list[tuple[tuple[int, ...], np.ndarray]]) -> bool:
+        """Write whole chunks (chunk coords, block of the chunk's shape) concurrently;
+        False when the array's codecs are not ours to encode (then the caller uses zarr)."""
+        codec = self._codec(path)
+        if codec is None:
+            return False
+        sink = self._sink
+
+        def put(item: tuple[tuple[int, ...], np.ndarray]) -> None:
+            sink.put(f"{path}/{codec.encode_key(item[0])}", codec.encode(item[1]))
+
+        sink.map(put, blocks)
+        return True
+
+    def _row_jobs(self, path: str, slot: int, row: np.ndarray) -> list[Callable[[], None]]:
+        """Jobs writing arr[slot] = row for an array [C, D, ...] chunked (cc, dn, ...): whole
+        chunks when cc == 1, else read-modify-write of the chunks holding the row (rank 0
+        is these arrays' only writer, so that is safe)."""
+        codec = self._codec(path)
+        if codec is None:
+            arr = self._array(path)
+
+            def fallback() -> None:
+                arr[slot] = row
+            return [fallback]
+        cc, dn = codec.shape[0], codec.shape[1]
+        ci, r = divmod(slot, cc)
+        rest = (0,) * (len(codec.shape) - 2)
+        sink, D = self._sink, row.shape[0]
+
+        def job(j: int) -> Callable[[], None]:
+            w = min(dn, D - j * dn)
+            key = f"{path}/{codec.encode_key((ci, j, *rest))}"
+
+            def run() -> None:
+                block = codec.empty() if cc == 1 else codec.decode(sink.get(key))
+                block[r, :w] = row[j * dn:j * dn + w]
+                sink.put(key, codec.encode(block))
+            return run
+
+        return [job(j) for j in range(-(-D // dn))]
+
+    def _run(self, jobs: list[Callable[[], None]]) -> None:
+        self._sink.map(lambda f: f(), jobs)
+
     # ------------------------------------------------------------------ every rank
 
     def write_acts(self, hook: str, slot: int, seq_start: int, data: np.ndarray) -> None:
@@ -223,12 +185,10 @@ class StoreWriter:
             raise StoreError(f"write_acts {hook}: expected [n, {T}, {D}], got {list(a.shape)}")
         start = self._seqs(seq_start, a.shape[0])
         a = np.ascontiguousarray(a, dtype=np.float16)
-        if _raw_chunks(arr) and tuple(arr.chunks) == (1, 1, T, D):
-            enc = arr.metadata.encode_chunk_key
-            self._sink.put_many([(f"acts/{hook}/{enc((slot, start + i, 0, 0))}", a[i])
-                                 for i in range(a.shape[0])])
-        else:  # a store made with other codecs: zarr's own pipeline
-            arr[slot, start:start + a.shape[0]] = a
+        if tuple(arr.chunks) != (1, 1, T, D) or not self._put_chunks(
+                f"acts/{hook}", [((slot, start + i, 0, 0), a[i][None, None])
+                                 for i in range(a.shape[0])]):
+            arr[slot, start:start + a.shape[0]] = a  # other chunks or codecs: zarr's way
 
     def write_tokens(self, slot: int, seq_start: int, tokens: np.ndarray) -> None:
         """tokens [n, T]: the inputs of this capture, sequences seq_start..seq_start+n."""
@@ -237,7 +197,11 @@ class StoreWriter:
             raise StoreError(f"write_tokens: expected [n, {self.layout.seq_len}], "
                              f"got {list(t.shape)}")
         slot, start = self._slot(slot), self._seqs(seq_start, t.shape[0])
-        self._array("inputs/tokens")[slot, start:start + t.shape[0]] = t.astype(np.int32)
+        t = np.ascontiguousarray(t, dtype=np.int32)
+        if self._array("inputs/tokens").chunks[1] != 1 or not self._put_chunks(
+                "inputs/tokens", [((slot, start + i, 0), t[i][None, None])
+                                  for i in range(t.shape[0])]):
+            self._array("inputs/tokens")[slot, start:start + t.shape[0]] = t
 
     def write_attn(self, layer: int, slot: int, seq: int, pattern: np.ndarray) -> None:
         """pattern [H, T, T] float16 of sequence `seq` (< attn_seqs)."""
@@ -248,7 +212,10 @@ class StoreWriter:
         slot, seq = self._slot(slot), self._seqs(seq, 1, L.attn_seqs)
         p = as_array(pattern, "float16", (L.n_heads, L.seq_len, L.seq_len),
                      f"write_attn layer {layer}")
-        self._array(f"attn/{int(layer)}")[slot, seq] = p
+        path = f"attn/{int(layer)}"
+        if self._array(path).chunks[1] != 1 or not self._put_chunks(
+                path, [((slot, seq, 0, 0, 0), p[None, None])]):
+            self._array(path)[slot, seq] = p
 
     def mark_done(self, slot: int, rank: int) -> None:
         """This rank's part of `slot` is written (call after its writes returned)."""
@@ -270,9 +237,10 @@ class StoreWriter:
         if hook not in self.layout.act_hooks:
             self._hook("acts", hook)  # raises the listing error
         slot, D = self._slot(slot), self.layout.act_hooks[hook]
-        for st in STATS:
-            v = as_array(stats[st], "float32", (D,), f"write_stats {hook} {st}")
-            self._array(f"stats/{hook}/{st}")[slot] = v
+        rows = {st: as_array(stats[st], "float32", (D,), f"write_stats {hook} {st}")
+                for st in STATS}
+        self._run([job for st in STATS for job in
+                   self._row_jobs(f"stats/{hook}/{st}", slot, rows[st])])
 
     def write_topk(self, hook: str, slot: int, value: np.ndarray, index: np.ndarray) -> None:
         """value [D, k] float32, index [D, k] int32 = seq * T + pos (-1: none)."""
@@ -283,8 +251,8 @@ class StoreWriter:
         i = as_array(index, "int32", (D, k), f"write_topk {hook} index")
         if i.size and (i.min() < -1 or i.max() >= self.layout.n_seqs * self.layout.seq_len):
             raise StoreError(f"write_topk {hook}: index out of range -1..P*T-1")
-        self._array(f"topk/{hook}/value")[slot] = v
-        self._array(f"topk/{hook}/index")[slot] = i
+        self._run(self._row_jobs(f"topk/{hook}/value", slot, v)
+                  + self._row_jobs(f"topk/{hook}/index", slot, i))
 
     def all_done(self, slot: int) -> bool:
         """Every rank has marked `slot`."""
@@ -317,8 +285,7 @@ class StoreWriter:
             lo, hi = int(rolled.min()), int(rolled.max()) + 1
             arr[lo:hi] = new[lo:hi]
         later = set(np.nonzero(self._sched > step)[0].tolist())
-        stale = [k for k in _list_keys(self._store, "captures/done/")
-                 if _done_slot(k) in later]
+        stale = [k for k in list_keys(self._store, "captures/done/") if done_slot(k) in later]
         if stale:
             async def drop() -> None:
                 await asyncio.gather(*(self._store.delete(k) for k in stale))
@@ -357,127 +324,3 @@ class StoreWriter:
             raise StoreError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         g = zarr.open_group(store=self._store, mode="r+", zarr_format=3, use_consolidated=False)
         g.update_attributes({"status": status, "updated_at": now_iso()})
-
-
-# ----------------------------------------------------------------------------- create/resume
-
-def _create_array(store: Store, spec: ArraySpec) -> zarr.Array:
-    return zarr.create_array(
-        store=store, name=spec.path, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
-        fill_value=spec.fill, compressors=ZstdCodec(level=1) if spec.compressed else None,
-        chunk_key_encoding=KEY_ENCODING, dimension_names=spec.axes, zarr_format=3,
-        attributes={"meaning": spec.meaning, "written_by": spec.writer}, overwrite=True,
-        config={"write_empty_chunks": False})
-
-
-def _root_attrs(layout: Layout, status: str, created_at: str) -> dict:
-    return {**layout.attrs, "schema_version": SCHEMA_VERSION, "layout": layout.to_json(),
-            "status": status, "created_at": created_at, "updated_at": now_iso()}
-
-
-def _create(store: Store, layout: Layout) -> dict:
-    # The root group first, with the whole layout: a reader arriving mid-create sees a store
-    # with no committed capture (captures/step, the commit record, is created last).
-    attrs = _root_attrs(layout, "created", now_iso())
-    zarr.create_group(store=store, attributes=attrs, zarr_format=3, overwrite=False)
-    for spec in layout.array_specs():
-        arr = _create_array(store, spec)
-        if spec.path == "captures/scheduled_step" and spec.shape[0]:
-            arr[:] = np.asarray(layout.scheduled_steps, np.int64)
-        elif spec.path == "probe/tokens":
-            arr[:] = np.asarray(layout.probe_tokens, np.int32)
-    return attrs
-
-
-def _reconcile(store: Store, url: str, attrs: dict, new: Layout) -> dict:
-    old = layout_of(attrs, url)
-    diffs = []
-    for name in ("act_hooks", "n_seqs", "seq_len", "source", "topk", "attn_seqs"):
-        if getattr(old, name) != getattr(new, name):
-            diffs.append(f"{name} {getattr(old, name)} -> {getattr(new, name)}")
-    if old.stored_attn_layers != new.stored_attn_layers:
-        diffs.append(f"attn_layers {old.stored_attn_layers} -> {new.stored_attn_layers}")
-    if new.stored_attn_layers and old.n_heads != new.n_heads:
-        diffs.append(f"n_heads {old.n_heads} -> {new.n_heads}")
-    if diffs:
-        raise StoreError(f"store {url} was made for another layout ({'; '.join(diffs)}): use a "
-                         f"new run dir or store URL, or delete {url} to start over")
-    a, b = old.scheduled_steps, new.scheduled_steps
-    n = min(len(a), len(b))
-    if a[:n] != b[:n]:
-        first = next(i for i in range(n) if a[i] != b[i])
-        raise StoreError(f"store {url} has another capture schedule: slot {first} is step "
-                         f"{a[first]} there, {b[first]} now; keep the capture schedule on "
-                         f"resume, or use a new store")
-    if new.probe_tokens is not None:
-        stored = np.asarray(open_array(store, "probe/tokens", "r")[:])
-        if not np.array_equal(stored, np.asarray(new.probe_tokens)):
-            raise StoreError(f"store {url} holds captures of another probe set: use the same "
-                             f"probe set on resume, or a new store")
-    metrics = {k: list(v) for k, v in old.metrics.items()}
-    for split, names in new.metrics.items():
-        metrics.setdefault(split, [])
-        metrics[split] += [x for x in names if x not in metrics[split]]
-    merged = Layout(
-        scheduled_steps=a if len(a) >= len(b) else b, n_seqs=old.n_seqs, seq_len=old.seq_len,
-        act_hooks=old.act_hooks, topk=old.topk, attn_layers=new.attn_layers,
-        n_heads=new.n_heads, attn_seqs=old.attn_seqs,
-        max_steps=max(old.max_steps, new.max_steps), world=new.world, source=old.source,
-        attrs={**{k: v for k, v in attrs.items() if k not in _OWN}, **new.attrs},
-        probe_tokens=new.probe_tokens if old.source == "probe" else None, metrics=metrics)
-    specs = merged.array_specs()
-    C_old = len(a)
-    for spec in specs:
-        try:
-            arr = open_array(store, spec.path, "r+")
-        except (FileNotFoundError, KeyError):
-            arr = None
-        if arr is not None and spec.path == "captures/done" and arr.shape != spec.shape \
-                and arr.shape[1] != spec.shape[1]:
-            sync(store.delete_dir("captures/done"))  # another world size: flags start over
-            arr = None
-        if arr is None:
-            arr = _create_array(store, spec)
-            if spec.path == "probe/tokens":
-                arr[:] = np.asarray(merged.probe_tokens, np.int32)
-        elif arr.dtype != np.dtype(spec.dtype) or len(arr.shape) != len(spec.shape) \
-                or tuple(arr.chunks) != spec.chunks:
-            raise StoreError(f"store {url} is corrupt: {spec.path} is {arr.dtype} "
-                             f"{list(arr.shape)} chunks {list(arr.chunks)}, expected "
-                             f"{spec.dtype} {list(spec.shape)} chunks {list(spec.chunks)}")
-        elif arr.shape != spec.shape:
-            if any(x > y for x, y in zip(arr.shape, spec.shape)):
-                raise StoreError(f"store {url}: {spec.path} is {list(arr.shape)}, larger than "
-                                 f"{list(spec.shape)}; it cannot shrink")
-            arr.resize(spec.shape)  # extension on resume only (contract 3)
-        if spec.path == "captures/scheduled_step" and len(merged.scheduled_steps) > C_old:
-            arr[C_old:] = np.asarray(merged.scheduled_steps[C_old:], np.int64)
-    out = _root_attrs(merged, attrs.get("status", "created"),
-                      attrs.get("created_at", now_iso()))
-    g = zarr.open_group(store=store, mode="r+", zarr_format=3, use_consolidated=False)
-    g.update_attributes(out)
-    return out
-
-
-_OWN = RESERVED_ATTRS
-
-
-def _list_keys(store: Store, prefix: str) -> list[str]:
-    async def collect() -> list[str]:
-        return [k async for k in store.list_prefix(prefix)]
-    try:
-        return sync(collect())
-    except FileNotFoundError:
-        return []
-
-
-def _done_slot(key: str) -> int:
-    """The slot of a captures/done chunk key ("captures/done/c.<slot>.<rank>"), or -1."""
-    name = key.rsplit("/", 1)[-1]
-    parts = name.split(".")
-    if len(parts) == 3 and parts[0] == "c" and parts[1].isdigit() and parts[2].isdigit():
-        return int(parts[1])
-    return -1
-
-
-__all__ = ["StoreWriter", "Layout", "STATS", "METRICS"]

@@ -50,7 +50,7 @@ def build_store(url: str, committed=COMMITTED) -> None:
         for rank in range(WORLD):
             lo = rank * per
             w.write_tokens(slot, lo, tokens_of(step)[lo:lo + per])
-            for hook, D in HOOKS.items():
+            for hook in HOOKS:
                 a = acts_of(hook, step)
                 w.write_acts(hook, slot, lo, a[lo:lo + per])
             for j in range(lo, min(lo + per, 1)):
