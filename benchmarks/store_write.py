@@ -112,7 +112,8 @@ def main() -> None:
     hooks = {f"blocks.{i}.hook_resid_post": 768 for i in range(args.hooks)}
     hooks["blocks.0.mlp.hook_post"] = 3072
     rng = np.random.default_rng(0)
-    data = {D: rng.standard_normal((P // WORLD, T, D)).astype(np.float16) for D in set(hooks.values())}
+    data = {D: rng.standard_normal((P // WORLD, T, D)).astype(np.float16)
+            for D in set(hooks.values())}
     threads = [int(x) for x in args.threads.split(",")]
     per_round = sum(P * T * D * 2 for D in hooks.values()) * args.captures
     print(f"writing {args.captures} captures x {len(hooks)} hooks ({P} x {T} x 768, one 3072) "

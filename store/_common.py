@@ -90,11 +90,12 @@ def read_root(store: Store, url: str) -> dict:
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptStore(f"store {url} is corrupt: its zarr.json is not valid JSON ({e}); "
                            f"restore it from a backup or re-run the capture") from None
-    if not isinstance(meta, dict) or meta.get("node_type") != "group" \
-            or meta.get("zarr_format") != 3:
+    if not isinstance(meta, dict):
+        meta = {"zarr_format": "?", "node_type": type(meta).__name__}
+    if meta.get("node_type") != "group" or meta.get("zarr_format") != 3:
         raise CorruptStore(f"store {url} is not a Zarr v3 group (its zarr.json says "
-                           f"zarr_format={meta.get('zarr_format') if isinstance(meta, dict) else '?'}"
-                           f", node_type={meta.get('node_type') if isinstance(meta, dict) else '?'})")
+                           f"zarr_format={meta.get('zarr_format')}, "
+                           f"node_type={meta.get('node_type')})")
     attrs = meta.get("attributes") or {}
     if not isinstance(attrs, dict) or "schema_version" not in attrs:
         raise CorruptStore(f"{url} is a zarr group but not a capture store: its attributes have "

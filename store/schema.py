@@ -179,10 +179,13 @@ class Layout:
                                    "attn_layers", "n_heads", "attn_seqs", "max_steps", "world",
                                    "source")}
         metrics = d.get("metrics", {k: list(v) for k, v in METRICS.items()})
-        if d.get("source") == "probe" and probe_tokens is None:
-            # validation needs them; a reader loads the real ones lazily
+        stand_in = d.get("source") == "probe" and probe_tokens is None
+        if stand_in:  # validation wants them; they are in probe/tokens, read when asked
             probe_tokens = np.zeros((int(d["n_seqs"]), int(d["seq_len"])), np.int32)
-        return cls(**known, attrs=dict(attrs or {}), probe_tokens=probe_tokens, metrics=metrics)
+        lay = cls(**known, attrs=dict(attrs or {}), probe_tokens=probe_tokens, metrics=metrics)
+        if stand_in:
+            lay.probe_tokens = None
+        return lay
 
     def array_specs(self) -> list[ArraySpec]:
         """Every array of the store, in creation order (captures/step last)."""
@@ -196,7 +199,7 @@ class Layout:
         add(ArraySpec("captures/done", (C, W), "uint8", (1, 1), 0, False, ("capture", "rank"),
                       "each rank its own column, after its part of the capture is written",
                       "1 where that rank's part of the capture is written"))
-        if self.probe_tokens is not None:
+        if self.source == "probe":
             add(ArraySpec("probe/tokens", (P, T), "int32", (P, T), -1, True, ("seq", "pos"),
                           "rank 0, at create", "the probe set's token ids"))
         add(ArraySpec("inputs/tokens", (C, P, T), "int32", (1, 1, T), -1, True,
@@ -241,7 +244,8 @@ class Layout:
         total = 0
         for spec in self.array_specs():
             if spec.axes[0] == "capture":
-                total += int(np.prod(spec.shape[1:], dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+                per = int(np.prod(spec.shape[1:], dtype=np.int64))
+                total += per * np.dtype(spec.dtype).itemsize
         return int(total)
 
     def bytes_total(self) -> int:

@@ -20,7 +20,8 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from ._chunks import ChunkCodec, make_sink
-from ._common import as_array, layout_of, now_iso, open_array, open_store, read_root, syncfs, url_str
+from ._common import (as_array, layout_of, now_iso, open_array, open_store, read_root, syncfs,
+                      url_str)
 from ._create import create, done_slot, list_keys, reconcile
 from .errors import StoreError, StoreNotFound
 from .schema import STATS, STATUSES, Layout
@@ -299,19 +300,25 @@ class StoreWriter:
         if names is None:
             raise StoreError(f"metrics split {split!r} is not in this store; splits: "
                              f"{', '.join(self.layout.metrics)}")
-        s = np.asarray(steps, dtype=np.int64).reshape(-1)
+        raw = np.asarray(steps, dtype=np.int64).reshape(-1)
         S = self.layout.max_steps
-        if s.size == 0:
+        if raw.size == 0:
             return
-        if s.min() < 1 or s.max() > S:
+        if raw.min() < 1 or raw.max() > S:
             raise StoreError(f"metric steps must be in 1..{S} (max_steps), got "
-                             f"{int(s.min())}..{int(s.max())}")
+                             f"{int(raw.min())}..{int(raw.max())}")
+        keep = None
+        if np.any(np.diff(raw) <= 0):  # sort; of a repeated step, the last value wins
+            keep = len(raw) - 1 - np.unique(raw[::-1], return_index=True)[1]
+        s = raw if keep is None else raw[keep]
         contiguous = bool(np.all(np.diff(s) == 1))
         for name, v in values.items():
             if name not in names:
                 raise StoreError(f"metric {split}/{name} is not in this store; {split} "
                                  f"metrics: {', '.join(names)}")
-            a = as_array(v, "float32", s.shape, f"write_metrics {split}/{name}")
+            a = as_array(v, "float32", raw.shape, f"write_metrics {split}/{name}")
+            if keep is not None:
+                a = a[keep]
             arr = self._array(f"metrics/{split}/{name}")
             if contiguous:
                 arr[int(s[0]) - 1:int(s[-1])] = a

@@ -146,7 +146,9 @@ def test_kill9_during_capture_hides_the_torn_capture_and_resume_fills_it(
     run = tmp_path / "run"
     store_dir = run / "capture.zarr"
     p = _popen(train_args(shakespeare_data, run, *big, steps=10))
-    _wait_for(lambda: any(s >= 2 for s in _torn_slots(store_dir, sched)), p)
+    # Killed while a capture after the first checkpoint (step 4) is being written.
+    _wait_for(lambda: checkpoint.latest_step(run) is not None
+              and any(i >= 3 for i in _torn_slots(store_dir, sched)), p)
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
     torn = _torn_slots(store_dir, sched)

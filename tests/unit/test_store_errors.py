@@ -137,3 +137,12 @@ def test_writer_rejects_bad_writes(store):
         w.write_metrics("train", np.array([1]), {"acc": np.zeros(1)})
     with pytest.raises(StoreError, match="status must be one of"):
         w.set_status("paused")
+
+
+def test_metrics_in_any_order(store):
+    w = StoreWriter.open(store)
+    w.write_metrics("val", np.array([7, 3, 7, 12]), {"loss": np.array([1, 2, 3, 4], np.float32),
+                                                     "hellaswag_acc_norm": np.ones(4)})
+    m = RunStore(store).metrics("val")
+    assert m["step"].tolist() == [3, 7, 12]
+    assert m["loss"].tolist() == [2, 3, 4] and m["hellaswag_acc_norm"].tolist() == [1, 1, 1]

@@ -209,3 +209,23 @@ def test_corrupt_chunk_is_a_one_line_error(tmp_path):
     with pytest.raises(CorruptStore, match="cannot read stats/blocks.0.hook_resid_post/mean") as e:
         rs.stats_at("blocks.0.hook_resid_post", 0)
     assert "\n" not in str(e.value)
+
+
+def test_arrays_with_other_codecs_are_written_through_zarr(tmp_path):
+    """The writer encodes chunks itself only for the codecs it knows (bytes [+ zstd]); an
+    array made otherwise (say, by a later tool re-encoding it) goes through zarr's setitem."""
+    from zarr.codecs import BloscCodec
+
+    url = str(tmp_path / "s.zarr")
+    StoreWriter.create_or_open(url, u.layout(STEPS))
+    hook = "blocks.1.mlp.hook_post"
+    old = zarr.open_array(url, path=f"acts/{hook}", mode="r")
+    zarr.create_array(url, name=f"acts/{hook}", shape=old.shape, chunks=(1, 2, 8, 200),
+                      dtype="float16", fill_value=np.nan, compressors=BloscCodec(),
+                      overwrite=True)
+    old = zarr.open_array(url, path=f"stats/{hook}/mean", mode="r")
+    zarr.create_array(url, name=f"stats/{hook}/mean", shape=old.shape, chunks=old.chunks,
+                      dtype="float32", fill_value=np.nan, compressors=BloscCodec(),
+                      overwrite=True)
+    _commit_all(url, [(1, 5)])
+    u.check_capture(RunStore(url), 5)

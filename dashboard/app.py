@@ -1,0 +1,330 @@
+"""The run dashboard: `streamlit run dashboard/app.py [-- --run-dir RUN | -- --runs-root DIR]`.
+
+Without arguments it lists the runs under `runs/` (or DASHBOARD_RUNS_ROOT); `--run-dir RUN`
+(or DASHBOARD_RUN_DIR) opens one run. Pages: Training, Neurons, Attention, Store (sidebar,
+or `?page=neurons` in the URL). It reads the run's capture store lazily through
+`store.reader.RunStore`, also while the run is training. Imports store, streamlit, plotly,
+numpy, pandas and tiktoken only: never torch, so it starts fast.
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import numpy as np  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+import streamlit as st  # noqa: E402
+from plotly.subplots import make_subplots  # noqa: E402
+
+from dashboard import data as D  # noqa: E402
+from store.errors import CorruptStore, SchemaVersionError, StoreError, StoreNotFound  # noqa: E402
+from store.schema import STATS  # noqa: E402
+
+PAGES = ["Training", "Neurons", "Attention", "Store"]
+LIVE_EVERY_S = 2.0
+EMPTY = ("No captures are committed in this store yet: the run is still starting. "
+         "This page shows them as soon as the first capture is written.")
+
+
+def fig_layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
+    fig.update_layout(title=title, height=height, margin=dict(l=40, r=10, t=40, b=30),
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+# ----------------------------------------------------------------------------- sidebar
+
+def pick_run(args: D.Args) -> str | None:
+    """The sidebar's run picker; returns the chosen store URL, or None (with a message)."""
+    sb = st.sidebar
+    sb.title("GPT-2 capture")
+    typed = sb.text_input("Run folder, store path or fsspec URL",
+                          placeholder="runs/tiny or s3://bucket/run/capture.zarr",
+                          key="typed_url").strip()
+    if typed:
+        url = D.store_url(typed)
+        sb.caption(D.summary_line(D.cached_summary(url)))
+        return url
+    runs = [args.run_dir] if args.run_dir else D.find_runs(args.runs_root)
+    if not runs:
+        st.info(f"No runs under {args.runs_root!r}: a run is a folder with a capture.zarr "
+                f"store (train one with `python -m trainer`, or pass `-- --run-dir RUN` or "
+                f"`-- --runs-root DIR`, or type a store URL in the sidebar).")
+        return None
+    urls = [D.store_url(r) for r in runs]
+    sums = [D.cached_summary(u) for u in urls]
+    i = sb.radio("Run", range(len(runs)), format_func=lambda j: Path(runs[j]).name or runs[j],
+                 captions=[D.summary_line(s) for s in sums], key="run")
+    return urls[i or 0]
+
+
+def pick_page() -> str:
+    qp = st.query_params.get("page", "training").capitalize()
+    page = st.sidebar.radio("Page", PAGES, index=PAGES.index(qp) if qp in PAGES else 0,
+                            key="page")
+    if st.query_params.get("page") != page.lower():
+        st.query_params["page"] = page.lower()
+    return page
+
+
+def step_slider(steps: np.ndarray, key: str) -> int:
+    opts = [int(s) for s in steps]
+    if len(opts) == 1:
+        st.caption(f"Step {opts[0]} (the only captured step)")
+        return opts[0]
+    cur = st.session_state.get(key)
+    if cur not in opts:  # first time, or a rolled-back step: go to the latest
+        st.session_state[key] = opts[-1]
+    return int(st.select_slider("Step (captured steps)", options=opts, key=key))
+
+
+# ----------------------------------------------------------------------------- pages
+
+def page_training(url: str, rs) -> None:
+    st.header("Training")
+    status = rs.status
+    live = status == "training"
+    if live:
+        st.info(f"The run is training: this page refreshes every {LIVE_EVERY_S:g} s.")
+    elif status in ("failed", "stopped"):
+        st.warning(f"The run {status}: these are its metrics up to then.")
+    logx = st.checkbox("Log-scale step axis", key="logx")
+
+    @st.fragment(run_every=LIVE_EVERY_S if live else None)
+    def charts() -> None:
+        n = D.n_committed(url)
+        tick = int(time.time() // LIVE_EVERY_S) if live else 0
+        d = D.cached_training(url, n, tick)
+        tr, va, cap = d["train"], d["val"], d["captured"]
+        if not len(tr) and not len(cap):
+            st.info("No metrics and no captures yet: the run is still starting.")
+            return
+        c = st.columns(5)
+        if len(tr):
+            c[0].metric("Step", int(tr["step"].iloc[-1]))
+            c[1].metric("Train loss", f"{tr['loss'].iloc[-1]:.4f}")
+        if len(va):
+            c[2].metric("Val loss", f"{va['loss'].iloc[-1]:.4f}")
+        c[3].metric("Captures", f"{len(cap)} / {len(rs.layout.scheduled_steps)}")
+        c[4].metric("Status", D.STATUS_WORDS.get(status, status))
+        xt = "log" if logx else "linear"
+
+        fig = go.Figure()
+        if len(tr):
+            fig.add_scatter(x=tr["step"], y=tr["loss"], mode="lines", name="train loss")
+        if len(va):
+            fig.add_scatter(x=va["step"], y=va["loss"], mode="lines+markers", name="val loss")
+        if len(cap) and len(tr):
+            x = np.maximum(cap, 1) if logx else cap
+            y = np.interp(x, tr["step"], tr["loss"])
+            fig.add_scatter(x=x, y=y, mode="markers", name="captured step",
+                            marker=dict(symbol="triangle-down", size=9, color="black"))
+        fig_layout(fig, "Loss", 360).update_xaxes(type=xt, title="step")
+        st.plotly_chart(fig, key="loss_chart")
+        cols = st.columns(3)
+        for col, (name, title) in zip(cols, (("lr", "Learning rate"),
+                                             ("grad_norm", "Gradient norm"),
+                                             ("tokens_per_s", "Tokens per second"))):
+            f = go.Figure()
+            if name in tr:
+                f.add_scatter(x=tr["step"], y=tr[name], mode="lines", name=name)
+            fig_layout(f, title, 260).update_xaxes(type=xt, title="step")
+            col.plotly_chart(f, key=f"{name}_chart")
+        if len(cap):
+            st.caption("Captured steps: " + ", ".join(map(str, cap[:200]))
+                       + (" ..." if len(cap) > 200 else ""))
+
+    charts()
+
+
+def _color(a: float, scale: float) -> str:
+    if not np.isfinite(a) or scale <= 0:
+        return "transparent"
+    x = float(np.clip(a / scale, -1, 1))
+    return f"rgba(255,120,0,{x:.2f})" if x >= 0 else f"rgba(30,110,255,{-x:.2f})"
+
+
+def tokens_html(rows: list[dict]) -> str:
+    scale = max([abs(r["value"]) for r in rows] + [1e-6])
+    out = ["<div style='font-family:monospace;font-size:0.9em;line-height:1.9'>"]
+    for r in rows:
+        spans = []
+        for j, (t, a) in enumerate(zip(r["tokens"], r["acts"])):
+            top = r["start"] + j == r["pos"]
+            txt = html.escape(t).replace("\n", "⏎").replace(" ", "&nbsp;") or "&nbsp;"
+            title = f"{a:.3f}" if a is not None and np.isfinite(a) else "not stored"
+            style = f"background:{_color(a if a is not None else np.nan, scale)};"
+            if top:
+                style += "border:1px solid black;font-weight:bold;"
+            spans.append(f"<span class='tok' title='{title}' style='{style}'>{txt}</span>")
+        out.append(f"<div class='toprow'><b>{r['value']:.3f}</b> &nbsp; seq {r['seq']}, "
+                   f"pos {r['pos']}: &nbsp;{''.join(spans)}</div>")
+    out.append("</div>")
+    return "".join(out)
+
+
+def page_neurons(url: str, rs) -> None:
+    st.header("Neurons")
+    steps = rs.steps()
+    if not len(steps):
+        st.info(EMPTY)
+        return
+    n = len(steps)
+    c1, c2 = st.columns([1, 2])
+    hook = c1.selectbox("Hook", list(rs.hooks), key="hook")
+    width = rs.hooks[hook]
+    with c2:
+        step = step_slider(steps, "neuron_step")
+    table = D.cached_neuron_table(url, n, hook, step)
+    stat = st.selectbox("Statistic", STATS, key="stat")
+
+    left, right = st.columns(2)
+    fig = go.Figure(go.Histogram(x=table[stat], nbinsx=50))
+    fig_layout(fig, f"{stat} of the {width} neurons of {hook} at step {step}")
+    fig.update_xaxes(title=stat).update_yaxes(title="neurons")
+    left.plotly_chart(fig, key="hist")
+    with right:
+        st.caption(f"{width} neurons at step {step} (click a column to sort)")
+        st.dataframe(table, height=300, key="neuron_table")
+
+    neuron = int(st.number_input("Neuron", 0, width - 1, int(table["max"].fillna(-np.inf)
+                                                                .to_numpy().argmax()),
+                                 key=f"neuron::{hook}"))
+    hist = D.cached_neuron_history(url, n, hook, neuron)
+    left, right = st.columns(2)
+    f = make_subplots(specs=[[{"secondary_y": True}]])
+    f.add_scatter(x=hist["step"], y=hist["mean"], name="mean", mode="lines+markers")
+    f.add_scatter(x=hist["step"], y=hist["max"], name="max", mode="lines+markers")
+    f.add_scatter(x=hist["step"], y=hist["frac_active"], name="frac_active",
+                  mode="lines+markers", secondary_y=True, line=dict(dash="dot"))
+    fig_layout(f, f"Neuron {neuron} across training").update_xaxes(title="step")
+    f.update_yaxes(title="activation", secondary_y=False)
+    f.update_yaxes(title="fraction active", secondary_y=True, range=[0, 1])
+    left.plotly_chart(f, key="neuron_history")
+
+    lo, hi = right.slider("Neurons in the heatmap", 0, width, (0, min(width, 64)),
+                          key=f"range::{hook}")
+    hs, z = D.cached_heatmap(url, n, hook, stat, lo, max(hi, lo + 1))
+    h = go.Figure(go.Heatmap(z=z, x=[str(s) for s in hs], y=list(range(lo, lo + z.shape[0])),
+                             colorscale="RdBu_r", zmid=0, colorbar=dict(title=stat)))
+    fig_layout(h, f"{stat} of neurons {lo}-{lo + z.shape[0] - 1} by step")
+    h.update_xaxes(title="step", type="category").update_yaxes(title="neuron")
+    right.plotly_chart(h, key="heatmap")
+
+    st.subheader(f"Top-activating tokens of neuron {neuron} at step {step}")
+    rows = D.cached_top_tokens(url, n, hook, step, neuron)
+    if rows:
+        st.markdown(tokens_html(rows), unsafe_allow_html=True)
+    else:
+        st.info("No top-k tokens stored for this neuron at this step.")
+    t = go.Figure(go.Scatter(x=hist["step"], y=hist["max"], mode="lines+markers",
+                             name="top-1 value"))
+    t.add_vline(x=step, line_dash="dot")
+    fig_layout(t, f"Top activation of neuron {neuron} across steps", 260)
+    st.plotly_chart(t, key="top_history")
+
+
+def page_attention(url: str, rs) -> None:
+    st.header("Attention")
+    if not rs.attn_layers or not rs.attn_seqs:
+        st.info("This run stores no attention patterns (capture.attn_seqs was 0 or no "
+                "attention layers were chosen).")
+        return
+    steps = rs.steps()
+    if not len(steps):
+        st.info(EMPTY)
+        return
+    c = st.columns(3)
+    layer = c[0].selectbox("Layer", rs.attn_layers, key="attn_layer")
+    head = c[1].selectbox("Head", list(range(rs.n_heads)), key="attn_head")
+    seq = c[2].selectbox("Probe sequence", list(range(rs.attn_seqs)), key="attn_seq")
+    step = step_slider(steps, "attn_step")
+    d = D.cached_attention(url, len(steps), layer, step, seq)
+    pat, labels = d["pattern"], d["labels"]
+    f = go.Figure(go.Heatmap(z=pat[head], x=labels, y=labels, colorscale="Blues", zmin=0,
+                             zmax=1, colorbar=dict(title="attn")))
+    fig_layout(f, f"Layer {layer}, head {head}, step {step}, sequence {seq}", 560)
+    f.update_yaxes(autorange="reversed", title="query", type="category")
+    f.update_xaxes(title="key", type="category")
+    st.plotly_chart(f, key="attn_head_chart")
+
+    H = pat.shape[0]
+    cols = min(H, 4)
+    rows = -(-H // cols)
+    stride = max(1, pat.shape[-1] // 64)
+    sm = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(H)],
+                       horizontal_spacing=0.03, vertical_spacing=0.08)
+    for h in range(H):
+        sm.add_trace(go.Heatmap(z=pat[h, ::stride, ::stride], colorscale="Blues", zmin=0,
+                                zmax=1, showscale=False), row=h // cols + 1, col=h % cols + 1)
+    sm.update_yaxes(autorange="reversed", showticklabels=False)
+    sm.update_xaxes(showticklabels=False)
+    fig_layout(sm, f"All {H} heads of layer {layer} at step {step}", 240 * rows + 60)
+    st.plotly_chart(sm, key="attn_heads_chart")
+
+
+def page_store(url: str, rs) -> None:
+    st.header("Store")
+    steps = rs.steps()
+    L = rs.layout
+    st.markdown(
+        f"**{url}** · schema version {rs.schema_version} · status "
+        f"**{D.STATUS_WORDS.get(rs.status, rs.status)}** · updated {rs.updated_at}  \n"
+        f"{len(steps)} of {len(L.scheduled_steps)} scheduled captures committed · source "
+        f"`{rs.source}` · P={rs.n_seqs} sequences x T={rs.seq_len} tokens · top-k={rs.k} · "
+        f"attention layers {rs.attn_layers} (H={rs.n_heads}, A={rs.attn_seqs}) · "
+        f"world {rs.world} · {len(rs.hooks)} hooks")
+    sizes = st.checkbox("Measure bytes on disk", value=True, key="sizes")
+    df = D.cached_arrays(url, len(steps), sizes)
+    st.caption(f"{len(df)} arrays")
+    st.dataframe(df.drop(columns=["axes"]), key="arrays_table", hide_index=True)
+    path = st.selectbox("Array", list(df["path"]), key="array")
+    row = df[df["path"] == path].iloc[0]
+    st.markdown(f"**{path}**: {row['meaning']}. Shape {row['shape']}, {row['dtype']}, "
+                f"chunks {row['chunks']}, written by {row['written by']}.")
+    st.markdown("\n".join(f"- {a}" for a in row["axes"].split(" | ")))
+
+
+PAGE_FUNCS = {"Training": page_training, "Neurons": page_neurons,
+              "Attention": page_attention, "Store": page_store}
+
+
+def main() -> None:
+    st.set_page_config(page_title="GPT-2 capture dashboard", layout="wide")
+    args = D.parse_args()
+    page = pick_page()
+    url = pick_run(args)
+    if url is None:
+        return
+    try:
+        rs = D.get_store(url)
+    except StoreNotFound as e:
+        st.warning(f"No capture store here. {e}")
+        return
+    except SchemaVersionError as e:
+        st.error(f"This store was written by a newer version of the project. {e}")
+        return
+    except CorruptStore as e:
+        st.error(f"This store's metadata cannot be read. {e}")
+        return
+    except StoreError as e:
+        st.error(str(e))
+        return
+    try:
+        PAGE_FUNCS[page](url, rs)
+    except CorruptStore as e:
+        st.error(f"This store's metadata cannot be read. {e}")
+    except StoreError as e:
+        st.warning(f"{e}")
+    except Exception as e:  # noqa: BLE001 - a sentence, never a traceback
+        st.error(f"Could not show this page: {type(e).__name__}: {e}")
+
+
+main()
