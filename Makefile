@@ -8,7 +8,7 @@ TOKENIZER_FILE ?= $(wildcard $(SHARED)/data/gpt2.tiktoken)
 NPROC ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-unit demo bench clean
+.PHONY: setup browser test test-unit demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-test: setup
+# The dashboard's browser test drives Debian's Chromium through its chromedriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	    { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: setup browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 test-unit: setup

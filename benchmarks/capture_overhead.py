@@ -68,7 +68,7 @@ def main() -> int:
                 t = one_run(data, tmp / f"run-{capture}-{i}", capture, a)
                 times[capture].append(t)
                 print(f"run {i} capture={'on ' if capture else 'off'}: {t:7.2f} s", flush=True)
-        store = tmp / f"run-True-0" / "capture.zarr"
+        store = tmp / "run-True-0" / "capture.zarr"
         size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"\nconfigs/tiny.toml, {a.steps} steps, {a.nproc} ranks, default capture "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import statistics
 import sys
@@ -209,7 +208,8 @@ def main(argv=None) -> int:
         mem = f"{v.peak_mem / 2**30:.1f}" if device.type == "cuda" else "-"
         rows.append((v.name, med * 1e3, min(v.times) * 1e3, tps, mfu, mem, v.last_loss))
     print(f"\n{a.steps} timed rounds, interleaved ({elapsed:.0f} s including warmup)")
-    hdr = f"{'variant':<28} {'median ms':>10} {'min ms':>9} {'tokens/s':>11} {'MFU':>7} {'peak GiB':>9} {'last loss':>10}"
+    hdr = (f"{'variant':<28} {'median ms':>10} {'min ms':>9} {'tokens/s':>11} {'MFU':>7} "
+           f"{'peak GiB':>9} {'last loss':>10}")
     print(hdr)
     print("-" * len(hdr))
     for name, med, mn, tps, mfu, mem, loss in rows:

@@ -62,7 +62,8 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
             from None
     bad = [x for x in layers if not 0 <= x < n_layer]
     if bad:
-        raise ConfigError(f"capture.attn_layers: no layer {bad[0]} (the model has 0..{n_layer - 1})")
+        raise ConfigError(
+            f"capture.attn_layers: no layer {bad[0]} (the model has 0..{n_layer - 1})")
     return layers
 
 

@@ -80,7 +80,10 @@ def step_slider(steps: np.ndarray, key: str) -> int:
         st.caption(f"Step {opts[0]} (the only captured step)")
         return opts[0]
     cur = st.session_state.get(key)
-    if cur not in opts:  # first time, or a rolled-back step: go to the latest
+    if cur is not None and cur not in opts:  # a resumed run rolled that capture back
+        st.warning(f"Step {cur} is no longer captured (a resumed run rolled it back); "
+                   f"showing step {opts[-1]}, the latest captured.")
+    if cur not in opts:  # first time, or a missing capture: go to the latest
         st.session_state[key] = opts[-1]
     return int(st.select_slider("Step (captured steps)", options=opts, key=key))
 

@@ -138,7 +138,8 @@ class ParallelConfig:
                 f"parallel.sharding must be one of full, grad, none, hybrid; got {self.sharding!r}"
             )
         if self.device not in ("auto", "cuda", "mps", "cpu"):
-            raise ConfigError(f"parallel.device must be auto, cuda, mps or cpu; got {self.device!r}")
+            raise ConfigError(
+                f"parallel.device must be auto, cuda, mps or cpu; got {self.device!r}")
 
 
 @dataclass

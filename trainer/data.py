@@ -48,11 +48,13 @@ def load_manifest(data_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{str(path)} is not valid JSON ({e}); re-run python -m trainer.prepare")
+        raise UserError(f"{str(path)} is not valid JSON ({e}); re-run python -m trainer.prepare") \
+            from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise UserError(f"{str(path)} has format_version {version!r}, this trainer reads "
-                        f"{FORMAT_VERSION}; re-run python -m trainer.prepare")
+                        f"{FORMAT_VERSION}; re-run python -m trainer.prepare") \
+            from None
     return manifest
 
 
@@ -85,7 +87,8 @@ class TokenWindows:
         splits = manifest.get("splits", {})
         if split not in splits:
             raise UserError(f"{self.data_dir} has no {split!r} split (it has: "
-                            f"{', '.join(splits) or 'none'}); re-run python -m trainer.prepare")
+                            f"{', '.join(splits) or 'none'}); re-run python -m trainer.prepare") \
+            from None
         self.shards: list[np.memmap] = []
         counts = []
         for entry in splits[split]:
@@ -95,7 +98,8 @@ class TokenWindows:
             if size != 2 * n:
                 raise UserError(f"shard {str(path)} should hold {n} tokens ({2 * n} bytes) but "
                                 f"{'is missing' if size < 0 else f'has {size} bytes'}; "
-                                "re-run python -m trainer.prepare")
+                                "re-run python -m trainer.prepare") \
+            from None
             if n == 0:  # np.memmap cannot map an empty file; it has no window anyway
                 continue
             self.shards.append(np.memmap(path, dtype=np.uint16, mode="r"))

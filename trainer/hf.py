@@ -217,7 +217,8 @@ def from_hf(hf_model_or_dir: Any, dropout: float | None = None) -> GPT:
     sd = hf.state_dict()
     if "transformer.wte.weight" not in sd:
         raise UserError(f"{type(hf).__name__} has no transformer.wte: not a GPT2LMHeadModel")
-    if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
+    wte = sd["transformer.wte.weight"]
+    if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], wte):
         raise UserError("this model's lm_head is not tied to its embedding; ours must be")
     ours = {}
     for our_key, hf_key, transpose in _pairs(cfg.n_layer):
@@ -244,7 +245,8 @@ def load_pretrained(name_or_dir: str | Path, dropout: float | None = None) -> GP
 def _load_hf_model(name_or_dir: str):
     t = _transformers()
     path = Path(name_or_dir).expanduser()
-    looks_local = path.exists() or name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1
+    looks_local = (path.exists() or name_or_dir.startswith((".", "/", "~"))
+                   or name_or_dir.count("/") > 1)
     if looks_local and not (path / "config.json").is_file():
         raise UserError(f"{name_or_dir!r} is not a Hugging Face model folder (no config.json)")
     try:

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> Path:
 
     model = hf.from_hf(args.hf, dropout=args.dropout)
     cfg = RunConfig(run_dir=str(run_dir), model=model.cfg)
-    cfg.data.tokenizer_file = str(Path(args.tokenizer_file).resolve()) if args.tokenizer_file else ""
+    tok = args.tokenizer_file
+    cfg.data.tokenizer_file = str(Path(tok).resolve()) if tok else ""
     cfg.validate()
     if list_complete(run_dir) and not args.force:
         raise UserError(f"{str(run_dir)!r} already has checkpoints; pick a new --run-dir "

@@ -326,7 +326,8 @@ def _print_plan(cfg: RunConfig, info: tdist.DistInfo, accum: int) -> None:
     n = cfg.model.num_params()
     print(
         f"model: {_shape(cfg.model)} ({n / 1e6:.2f}M parameters)\n"
-        f"world {info.world} on {info.device.type} | sharding {cfg.parallel.sharding if info.distributed else 'single process'} "
+        f"world {info.world} on {info.device.type} | sharding "
+        f"{cfg.parallel.sharding if info.distributed else 'single process'} "
         f"| dtype {cfg.train.dtype} | {cfg.train.global_batch_tokens:,} tokens/step = "
         f"{cfg.train.micro_batch_size} seqs x {cfg.seq_len} tokens x {info.world} ranks x "
         f"{accum} accumulation steps\n"

@@ -33,7 +33,8 @@ def tree_digest(path: Path) -> str:
 @pytest.mark.parametrize("extra,msg", [
     (["--model.n_layerz=3"], "unknown config key 'model.n_layerz'"),
     (["--optim.lr=fast"], "optim.lr expects float, got 'fast'"),
-    (["--model.n_embd=30", "--model.n_head=4"], "model.n_embd (30) must be divisible by model.n_head (4)"),
+    (["--model.n_embd=30", "--model.n_head=4"],
+     "model.n_embd (30) must be divisible by model.n_head (4)"),
     (["--train.global_batch_tokens=100"], "must be a multiple of micro_batch_size x seq_len"),
 ])
 def test_bad_config(shakespeare_data, tmp_path, extra, msg):

@@ -16,9 +16,8 @@ import torch
 
 from helpers import losses, read_metrics, run_cli, torchrun
 from store.reader import RunStore
-from test_train import _popen, _steps_logged, _wait_for, ok, train_args
+from test_train import _popen, _wait_for, ok, train_args
 from trainer import checkpoint
-from trainer.config import ModelConfig
 from trainer.model import GPT
 
 pytestmark = pytest.mark.integration
@@ -63,7 +62,7 @@ def test_store_holds_the_models_own_activations_per_rank_slice(fsdp_run):
         names = set(hooks) | {f"blocks.{i}.attn.hook_pattern" for i in range(3)}
         with torch.no_grad():
             _, cache = model.run_with_cache(torch.from_numpy(probe).long(),
-                                            names_filter=lambda n: n in names)
+                                            names_filter=names.__contains__)
         for hook in hooks:
             want = cache[hook].numpy()
             got = store.activations(hook, int(step)).astype(np.float32)

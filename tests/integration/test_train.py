@@ -22,7 +22,8 @@ STEPS = 12
 TINY = [
     "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
     "--train.micro_batch_size=4", "--train.global_batch_tokens=256", "--optim.lr=1e-2",
-    "--optim.warmup_steps=3", "--optim.decay_steps=12", "--eval.every=0", "--log.plot=false", "--checkpoint.every=3",
+    "--optim.warmup_steps=3", "--optim.decay_steps=12", "--eval.every=0", "--log.plot=false",
+    "--checkpoint.every=3",
     "--checkpoint.keep_last=0",
 ]
 

@@ -63,10 +63,10 @@ def models():
     }
     hf_names = {"ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn.c_attn",
                 "attn.c_proj": "attn.c_proj", "mlp.c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
-    for l in range(cfg.n_layer):
+    for layer in range(cfg.n_layer):
         for h, o in hf_names.items():
             for kind in ("weight", "bias"):
-                mapping[f"transformer.h.{l}.{h}.{kind}"] = f"blocks.{l}.{o}.{kind}"
+                mapping[f"transformer.h.{layer}.{h}.{kind}"] = f"blocks.{layer}.{o}.{kind}"
     transposed = ("attn.c_attn.weight", "attn.c_proj.weight",
                   "mlp.c_fc.weight", "mlp.c_proj.weight")
     with torch.no_grad():

@@ -1,0 +1,171 @@
+"""The dashboard's page loads against store size: a store of N captures and one of 10N.
+
+    python benchmarks/dashboard_load.py                 # N=100 and 1,000, a few minutes
+    python benchmarks/dashboard_load.py --n 20 --reps 3
+
+Both stores are written through store.writer.StoreWriter at GPT-2 124M shapes: 12 hooks
+blocks.{l}.hook_resid_post 768 wide and blocks.6.mlp.hook_post 3072 wide, top-16, 12 heads
+with attention at layers 0, 5 and 11 for A=2 sequences, P=4 probe sequences of T=32 tokens
+(small P and T keep 1,000 captures to minutes). Statistics, top-k, attention, tokens and
+metrics are written for every capture, activations only for the last 3 (as a run that
+keeps few). Captures every 10 steps, so the metrics arrays are 10 x N steps long.
+
+Each page's data loading (dashboard/data.py, called directly, no Streamlit server) is timed
+on a fresh RunStore (median of --reps) and its peak Python memory taken with tracemalloc:
+
+- training:  training_data (train and val metrics, captured steps)
+- neurons:   neuron_table at the last step + neuron_history + neuron_heatmap (64 neurons)
+             + top_tokens (at a step with activations, context coloured from them)
+- neurons*:  top_tokens at a step without stored activations (top values only)
+- attention: attention_data (12 heads x T x T, token labels)
+- store:     arrays_table with bytes on disk (walks the store's folders)
+
+The target: every page under 1 s, and memory that does not grow with the store (the
+training curves and the neuron-across-steps answers grow with it by nature: C values, or
+10 C metric steps; heatmaps are capped at 240 step columns). No assertions: figures printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dashboard import data as D  # noqa: E402
+from store.reader import RunStore  # noqa: E402
+from store.schema import STATS, Layout  # noqa: E402
+from store.writer import StoreWriter  # noqa: E402
+
+HOOKS = {**{f"blocks.{l}.hook_resid_post": 768 for l in range(12)},
+         "blocks.6.mlp.hook_post": 3072}
+MLP = "blocks.6.mlp.hook_post"
+K, H, A, P, T = 16, 12, 2, 4, 32
+ATTN_LAYERS = [0, 5, 11]
+EVERY = 10
+ACT_CAPTURES = 3
+
+
+def build(url: Path, n: int) -> float:
+    steps = [(i + 1) * EVERY for i in range(n)]
+    rng = np.random.default_rng(0)
+    probe = rng.integers(0, 50257, (P, T)).astype(np.int32)
+    lay = Layout(scheduled_steps=steps, n_seqs=P, seq_len=T, act_hooks=HOOKS, topk=K,
+                 attn_layers=ATTN_LAYERS, n_heads=H, attn_seqs=A, max_steps=steps[-1],
+                 world=1, source="probe", probe_tokens=probe,
+                 attrs={"bench": True, "model": {"n_layer": 12, "n_embd": 768}})
+    acts = {d: rng.standard_normal((P, T, d)).astype(np.float16) for d in (768, 3072)}
+    attn = np.tril(rng.random((H, T, T))).astype(np.float16)
+    noise = {d: rng.standard_normal(d).astype(np.float32) for d in (768, 3072)}
+    topi = {d: rng.integers(0, P * T, (d, K)).astype(np.int32) for d in (768, 3072)}
+    t0 = time.perf_counter()
+    w = StoreWriter.create_or_open(str(url), lay, durable=False)
+    for slot, step in enumerate(steps):
+        w.write_tokens(slot, 0, probe)
+        if slot >= n - ACT_CAPTURES:
+            for hook, d in HOOKS.items():
+                w.write_acts(hook, slot, 0, acts[d])
+        for layer in ATTN_LAYERS:
+            for s in range(A):
+                w.write_attn(layer, slot, s, attn)
+        w.mark_done(slot, 0)
+        for hook, d in HOOKS.items():
+            base = noise[d] + np.float32(step / 1000)
+            w.write_stats(hook, slot, {st: base + i for i, st in enumerate(STATS)})
+            w.write_topk(hook, slot, np.sort(np.tile(base[:, None], (1, K)), axis=1)[:, ::-1],
+                         topi[d])
+        w.commit(slot, step)
+    S = steps[-1]
+    s = np.arange(1, S + 1)
+    w.write_metrics("train", s, {"loss": 10 / np.sqrt(s), "lr": np.full(S, 6e-4),
+                                 "grad_norm": np.ones(S), "tokens_per_s": np.full(S, 1e5)})
+    v = s[EVERY - 1::EVERY * 5]
+    w.write_metrics("val", v, {"loss": 10 / np.sqrt(v)})
+    w.set_status("finished")
+    w.close()
+    return time.perf_counter() - t0
+
+
+def pages(url: str) -> dict:
+    rs0 = RunStore(url)
+    steps = rs0.steps()
+    last, no_acts = int(steps[-1]), int(steps[0])
+    neuron = 7
+    decode = D.make_decoder(None)  # token ids: no tokenizer file in a synthetic store
+
+    def neurons(rs: RunStore) -> None:
+        D.neuron_table(rs, MLP, last)
+        D.neuron_history(rs, MLP, neuron)
+        D.neuron_heatmap(rs, MLP, "mean", 0, 64)
+        rows = D.top_tokens(rs, MLP, last, neuron, decode)
+        assert rows and all(np.isfinite(rows[0]["acts"]))
+
+    def neurons_no_acts(rs: RunStore) -> None:
+        rows = D.top_tokens(rs, MLP, no_acts, neuron, decode)
+        assert rows and np.isnan(rows[0]["acts"]).sum() > 0
+
+    return {
+        "training": lambda rs: D.training_data(rs),
+        "neurons": neurons,
+        "neurons*": neurons_no_acts,
+        "attention": lambda rs: D.attention_data(rs, 11, last, 1, decode),
+        "store": lambda rs: D.arrays_table(rs, sizes=True),
+    }
+
+
+def measure(url: str, reps: int) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name, fn in pages(url).items():
+        times = []
+        for _ in range(reps):
+            rs = RunStore(url)  # the dashboard caches one per URL; time the cold open too
+            t0 = time.perf_counter()
+            fn(rs)
+            times.append(time.perf_counter() - t0)
+        tracemalloc.start()
+        fn(RunStore(url))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        out[name] = (statistics.median(times), peak / 2**20)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=100, help="captures of the small store (x10 big)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="where to build the stores (default: tmp)")
+    a = ap.parse_args()
+    tmp = Path(a.dir or tempfile.mkdtemp(prefix="dash_bench_"))
+    res = {}
+    try:
+        for n in (a.n, 10 * a.n):
+            url = tmp / f"c{n}" / "capture.zarr"
+            shutil.rmtree(url, ignore_errors=True)
+            took = build(url, n)
+            print(f"built {n} captures in {took:.1f} s ({url})", flush=True)
+            res[n] = measure(str(url), a.reps)
+    finally:
+        if a.dir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    small, big = a.n, 10 * a.n
+    print(f"\n{'page':<11}{'time ' + str(small):>12}{'time ' + str(big):>12}{'ratio':>8}"
+          f"{'peak MiB ' + str(small):>16}{'peak MiB ' + str(big):>16}{'ratio':>8}")
+    for page in res[small]:
+        (t1, m1), (t2, m2) = res[small][page], res[big][page]
+        print(f"{page:<11}{t1 * 1e3:>10.1f}ms{t2 * 1e3:>10.1f}ms{t2 / t1:>8.2f}"
+              f"{m1:>16.2f}{m2:>16.2f}{m2 / m1:>8.2f}")
+    worst = max(t for r in res.values() for t, _ in r.values())
+    print(f"\nslowest page load: {worst * 1e3:.0f} ms (target < 1000 ms)")
+
+
+if __name__ == "__main__":
+    main()

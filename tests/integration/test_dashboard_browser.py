@@ -1,0 +1,155 @@
+"""The dashboard served by `streamlit run` and rendered by a real headless Chromium (selenium
+with Debian's chromium and chromedriver): each page draws its charts with the store's
+values; a screenshot of each goes to docs/screenshots/<page>.png and the test's tmp dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, env
+from store.reader import RunStore
+from test_dashboard_apptest import make_tiny_run
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SHOTS = ROOT / "docs" / "screenshots"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(shakespeare_data, tmp_path_factory):
+    run = make_tiny_run(shakespeare_data, tmp_path_factory)
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("streamlit") / "server.log", "w+")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
+         "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--", "--run-dir", str(run)],
+        cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if p.poll() is not None:
+                    break
+                time.sleep(0.3)
+        else:
+            pass
+        if p.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"streamlit exited early:\n{log.read()[-3000:]}")
+        yield url, RunStore(run / "capture.zarr")
+    finally:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not found: install Debian's browser with "
+                    f"`apt-get install -y chromium chromium-driver` (the dashboard's browser "
+                    f"test needs it)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is not installed: pip install selenium (the `test` extra)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+              "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+              f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    drv.set_page_load_timeout(60)
+    yield drv
+    drv.quit()
+
+
+def _load(drv, url: str, page: str, css: str, text: str, n: int = 1, timeout: float = 60):
+    """Load ?page=<page> and wait until `n` elements match `css` and the body shows `text`
+    and Streamlit is no longer running the script."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    drv.get(f"{url}/?page={page}")
+
+    def ready(d):
+        if len(d.find_elements(By.CSS_SELECTOR, css)) < n:
+            return False
+        if text not in d.find_element(By.TAG_NAME, "body").text:
+            return False
+        return not d.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget']")
+
+    WebDriverWait(drv, timeout, poll_frequency=0.3).until(ready)
+    time.sleep(0.8)  # let plotly finish its layout before the screenshot
+    return drv.find_element(By.TAG_NAME, "body").text
+
+
+def _plot_titles(drv) -> list[str]:
+    from selenium.webdriver.common.by import By
+    return [e.text for e in drv.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .gtitle")]
+
+
+def _shot(drv, name: str, tmp_path: Path) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    drv.save_screenshot(str(tmp_path / f"{name}.png"))
+    shutil.copy(tmp_path / f"{name}.png", SHOTS / f"{name}.png")
+    assert (SHOTS / f"{name}.png").stat().st_size > 10_000
+
+
+def test_pages_render(server, browser, tmp_path):
+    url, rs = server
+    tr, va = rs.metrics("train"), rs.metrics("val")
+    steps = [int(s) for s in rs.steps()]
+
+    body = _load(browser, url, "training", ".js-plotly-plot", "Train loss", n=4)
+    assert f"{tr['loss'][-1]:.4f}" in body and f"{va['loss'][-1]:.4f}" in body
+    assert "finished" in body and "6/6 captures" in body
+    assert _plot_titles(browser) == ["Loss", "Learning rate", "Gradient norm",
+                                     "Tokens per second"]
+    _shot(browser, "training", tmp_path)
+
+    body = _load(browser, url, "neurons", ".js-plotly-plot", "Top-activating tokens", n=4)
+    hook = next(iter(rs.hooks))
+    assert f"Top-activating tokens of neuron" in body and f"at step {steps[-1]}" in body
+    t = _plot_titles(browser)
+    assert f"mean of the {rs.hooks[hook]} neurons of {hook} at step {steps[-1]}" in t
+    from selenium.webdriver.common.by import By
+    assert len(browser.find_elements(By.CSS_SELECTOR, "span.tok")) > 0
+    _shot(browser, "neurons", tmp_path)
+
+    body = _load(browser, url, "attention", ".js-plotly-plot", "Probe sequence", n=2)
+    assert _plot_titles(browser) == [f"Layer 0, head 0, step {steps[-1]}, sequence 0",
+                                     f"All {rs.n_heads} heads of layer 0 at step {steps[-1]}"]
+    _shot(browser, "attention", tmp_path)
+
+    body = _load(browser, url, "store", "[data-testid='stDataFrame']", "schema version 1")
+    assert f"{len(rs.arrays(sizes=False))} arrays" in body
+    _shot(browser, "store", tmp_path)
