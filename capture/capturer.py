@@ -56,22 +56,37 @@ def probe_tokens(cfg: RunConfig) -> torch.Tensor:
     return x
 
 
+def check_config(cfg: RunConfig, info: tdist.DistInfo) -> tuple[list[str], list[int]]:
+    """The capture settings checked against the model's hook names (from a model built on
+    the meta device: no memory, no weights) before the run writes anything. Returns the
+    hooks and attention layers."""
+    from trainer.model import GPT
+
+    c, mc = cfg.capture, cfg.model
+    with torch.device("meta"):
+        names = list(GPT(mc).hook_dict)
+    hooks = resolve_hooks(c.hooks, names, mc.n_layer)
+    for h in hooks:
+        hook_width(h, mc)
+    layers = parse_layers(c.attn_layers, mc.n_layer)
+    if c.source == "probe" and c.probe_seqs % info.world:
+        raise ConfigError(f"capture.probe_seqs ({c.probe_seqs}) must be a multiple of "
+                          f"the world size ({info.world}): each rank takes a slice")
+    return hooks, layers
+
+
 class Capturer:
-    def __init__(self, cfg: RunConfig, info: tdist.DistInfo, model, resume_step: int):
+    def __init__(self, cfg: RunConfig, info: tdist.DistInfo, resume_step: int):
         self.cfg, self.info, c = cfg, info, cfg.capture
         self.enabled = c.enabled
         if not self.enabled:
             return
         mc = cfg.model
-        self.hooks = resolve_hooks(c.hooks, list(model.hook_dict), mc.n_layer)
+        self.hooks, self.attn_layers = check_config(cfg, info)
         widths = {h: hook_width(h, mc) for h in self.hooks}
-        self.attn_layers = parse_layers(c.attn_layers, mc.n_layer)
         self.steps = schedule(c.every, cfg.train.max_steps, c.log_early, c.at_init)
         self.slot_of = {s: i for i, s in enumerate(self.steps)}
         if c.source == "probe":
-            if c.probe_seqs % info.world:
-                raise ConfigError(f"capture.probe_seqs ({c.probe_seqs}) must be a multiple of "
-                                  f"the world size ({info.world}): each rank takes a slice")
             self.probe = probe_tokens(cfg)
             P, T = self.probe.shape
         else:

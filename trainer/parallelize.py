@@ -23,16 +23,27 @@ def device_mesh(pcfg: ParallelConfig, info: DistInfo):
     if pcfg.sharding in ("full", "grad"):
         return init_device_mesh(dev, (info.world,), mesh_dim_names=("shard",))
     shard = 1 if pcfg.sharding == "none" else (pcfg.shard_size or info.local_world)
-    if info.world % shard:
-        raise ConfigError(
-            f"parallel.shard_size ({shard}) must divide the world size ({info.world})"
-        )
     return init_device_mesh(
         dev, (info.world // shard, shard), mesh_dim_names=("replicate", "shard")
     )
 
 
+def check_parallel(pcfg: ParallelConfig, info: DistInfo) -> None:
+    """What `parallelize` would refuse, checked before the run writes anything."""
+    if pcfg.cpu_offload and info.device.type != "cuda":
+        raise ConfigError("parallel.cpu_offload keeps GPU parameters in host memory; with no "
+                          "GPU it has nothing to offload: set --parallel.cpu_offload=false")
+    if pcfg.cpu_offload and not info.distributed:
+        raise ConfigError("parallel.cpu_offload needs FSDP: launch with torchrun")
+    if pcfg.sharding == "hybrid" and info.distributed:
+        shard = pcfg.shard_size or info.local_world
+        if info.world % shard:
+            raise ConfigError(
+                f"parallel.shard_size ({shard}) must divide the world size ({info.world})")
+
+
 def parallelize(model: GPT, pcfg: ParallelConfig, info: DistInfo, dtype: str) -> GPT:
+    check_parallel(pcfg, info)
     if pcfg.activation_checkpointing:
         # The composable API keeps module names (and so the hook names) unchanged.
         from torch.distributed._composable import checkpoint
@@ -45,8 +56,6 @@ def parallelize(model: GPT, pcfg: ParallelConfig, info: DistInfo, dtype: str) ->
         for block in model.blocks:
             block.compile()
     if not info.distributed:
-        if pcfg.cpu_offload:
-            raise ConfigError("parallel.cpu_offload needs FSDP: launch with torchrun")
         return model
     mesh = device_mesh(pcfg, info)
     mp = MixedPrecisionPolicy(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from capture.capturer import Capturer
+from capture.capturer import check_config as check_capture
 from trainer import checkpoint
 from trainer import config as config_mod
 from trainer import dist as tdist
@@ -28,7 +29,7 @@ from trainer.evaluate import maybe_eval
 from trainer.metrics import MetricsLogger, peak_flops, plot_loss
 from trainer.model import GPT
 from trainer.optim import build_optimizer, lr_at, set_lr
-from trainer.parallelize import parallelize
+from trainer.parallelize import check_parallel, parallelize
 
 
 class TrainingDiverged(Exception):
@@ -246,6 +247,9 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
         hellaswag_examples = hellaswag.load_examples(cfg.eval.hellaswag_file,
                                                      cfg.eval.hellaswag_examples)
     enc = _tokenizer(cfg, manifest, is_main)
+    check_parallel(cfg.parallel, info)
+    if cfg.capture.enabled:
+        check_capture(cfg, info)
     tdist.barrier(info)
     if is_main:
         write_config(cfg)
@@ -268,7 +272,7 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
             print(f"--resume: no checkpoint in {cfg.run_dir} yet; starting at step 0")
     if is_main:
         _print_plan(cfg, info, accum)
-    capturer = Capturer(cfg, info, model, resume_step=start_from)
+    capturer = Capturer(cfg, info, resume_step=start_from)
     return Run(cfg, info, model, optimizer, loader, accum, capturer, enc, hellaswag_examples,
                step)
 

@@ -36,6 +36,8 @@ def tree_digest(path: Path) -> str:
     (["--model.n_embd=30", "--model.n_head=4"],
      "model.n_embd (30) must be divisible by model.n_head (4)"),
     (["--train.global_batch_tokens=100"], "must be a multiple of micro_batch_size x seq_len"),
+    (["--parallel.cpu_offload=true"], "with no GPU it has nothing to offload"),
+    (["--capture.hooks=blocks.7.mlp.hook_post"], "matches no hook of this model; valid:"),
 ])
 def test_bad_config(shakespeare_data, tmp_path, extra, msg):
     fails_with(run_cli(train_args(shakespeare_data, tmp_path / "run", *extra)), msg)

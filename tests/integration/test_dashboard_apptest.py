@@ -213,6 +213,16 @@ def test_empty_store(monkeypatch, tiny_run, tmp_path):
         assert "run is still starting" in texts(at)
 
 
+def test_live_run(monkeypatch, tiny_run, tmp_path):
+    run = _copy(tiny_run, tmp_path)
+    w = StoreWriter.open(str(run / "capture.zarr"), durable=False)
+    w.set_status("training")
+    w.close()
+    at = app(monkeypatch, "training", run_dir=run)
+    assert "The run is training: this page refreshes every" in texts(at)
+    assert {m.label: m.value for m in at.metric}["Status"] == "training"
+
+
 def test_missing_capture(monkeypatch, tiny_run, tmp_path):
     run = _copy(tiny_run, tmp_path)
     at = app(monkeypatch, "neurons", run_dir=run)
@@ -246,12 +256,3 @@ def test_newer_schema(monkeypatch, tiny_run, tmp_path):
     p.write_text(json.dumps(meta))
     at = app(monkeypatch, "training", run_dir=run)
     assert "newer version" in texts(at) and "99" in texts(at)
-
-
-def test_args_and_env():
-    from dashboard.data import parse_args
-    a = parse_args(["--", "--run-dir", "runs/a"], {})
-    assert a.run_dir == "runs/a" and a.runs_root == "runs"
-    a = parse_args(["--runs-root=r"], {"DASHBOARD_RUN_DIR": "x"})
-    assert a.run_dir == "x" and a.runs_root == "r"
-    assert parse_args([], {"DASHBOARD_RUNS_ROOT": "q"}).runs_root == "q"

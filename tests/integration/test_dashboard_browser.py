@@ -83,7 +83,7 @@ def browser(tmp_path_factory):
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
               "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+              "--disable-component-update", "--disable-sync", "--window-size=1400,1400",
               f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         opts.add_argument(a)
     drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)

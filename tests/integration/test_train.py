@@ -145,10 +145,12 @@ def test_meta_init_bf16_and_eval_run_under_fsdp(shakespeare_data, tmp_path):
     r = ok(run_cli(torchrun(2) + train_args(
         shakespeare_data, run, "--parallel.meta_init=true", "--train.dtype=bf16",
         "--eval.every=4", "--eval.val_batches=2", "--eval.sample_tokens=8", "--log.plot=true",
+        "--eval.hellaswag_file=tests/assets/hellaswag_tiny.jsonl",
         steps=8)[1:]))
     m = read_metrics(run)
     assert sorted(m) == list(range(1, 9))
     assert m[8]["loss"] < m[1]["loss"] - 0.5
     assert "val_loss" in m[4] and "val_loss" in m[8] and m[8]["val_loss"] < m[4]["val_loss"]
     assert isinstance(m[8]["sample"], str) and "--- sample at step 8 ---" in r.stdout
+    assert 0.0 <= m[8]["hellaswag_acc_norm"] <= 1.0 and "hellaswag" in r.stdout
     assert (run / "loss.png").stat().st_size > 1000
