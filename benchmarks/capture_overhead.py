@@ -50,6 +50,11 @@ def one_run(data: Path, run: Path, capture: bool, a) -> float:
     # The loop's end: the process exit, less the interpreter's teardown (~0.1 s, the same
     # in both) -- the final capture drain and checkpoint are part of the run.
     assert t0 < first < end
+    stall = sum(r.get("capture_ms", 0.0) for r in recs) / 1e3
+    steps = sum(r["step_ms"] for r in recs) / 1e3
+    if capture:
+        print(f"  in-run: training stalled {stall:.2f} s in captures over {steps:.2f} s of "
+              f"steps ({100 * stall / steps:.2f}%)", flush=True)
     return end - first
 
 

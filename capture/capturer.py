@@ -126,19 +126,20 @@ class Capturer:
 
     # ------------------------------------------------------------------ the capture
 
-    def maybe_capture(self, step: int, model, loader=None, accum: int = 1) -> None:
-        """At a scheduled step, capture; every rank must call this every step (at scheduled
-        steps it runs collectives)."""
+    def maybe_capture(self, step: int, model, loader=None, accum: int = 1) -> bool:
+        """At a scheduled step, capture (and return True); every rank must call this every
+        step (at scheduled steps it runs collectives)."""
         if not self.enabled or step not in self.slot_of:
-            return
+            return False
         if tdist.any_rank(self.writer.error is not None, self.info):  # collective
             self._stop("a capture writer failed")
-            return
+            return False
         if self.probe is not None:
             tokens = self.probe[self.seq_start:self.seq_start + self.per_rank]
         else:  # the live micro-batch: this rank's first micro-batch of the step just taken
             tokens, _ = loader.windows.get(loader.indices(max(loader.position - accum, 0)))
         self._capture(self.slot_of[step], step, model, tokens)
+        return True
 
     @torch.no_grad()
     def _capture(self, slot: int, step: int, model, tokens: torch.Tensor) -> None:

@@ -191,7 +191,9 @@ def train_loop(r: Run) -> int | None:
                                          info, autocast)
             r.step += 1
             record = step_record(r, loss, lr, grad_norm, time.perf_counter() - t0)
-            r.capturer.maybe_capture(r.step, r.model, r.loader, r.accum)
+            t1 = time.perf_counter()
+            if r.capturer.maybe_capture(r.step, r.model, r.loader, r.accum):
+                record["capture_ms"] = (time.perf_counter() - t1) * 1e3  # training's stall
             record.update(maybe_eval(r.model, cfg, info, r.step, r.enc, autocast, r.hellaswag))
             if info.is_main:
                 log_step(r, logger, record)
