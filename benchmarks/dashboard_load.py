@@ -18,7 +18,9 @@ on a fresh RunStore (median of --reps) and its peak Python memory taken with tra
              + top_tokens (at a step with activations, context coloured from them)
 - neurons*:  top_tokens at a step without stored activations (top values only)
 - attention: attention_data (12 heads x T x T, token labels)
-- store:     arrays_table with bytes on disk (walks the store's folders)
+- store:     arrays_table (shapes, chunks, codecs; the Store page's default above 200
+             captures)
+- store+size: arrays_table with bytes on disk (lists every chunk file: opt-in checkbox)
 
 The target: every page under 1 s, and memory that does not grow with the store (the
 training curves and the neuron-across-steps answers grow with it by nature: C values, or
@@ -45,7 +47,7 @@ from store.reader import RunStore  # noqa: E402
 from store.schema import STATS, Layout  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
 
-HOOKS = {**{f"blocks.{l}.hook_resid_post": 768 for l in range(12)},
+HOOKS = {**{f"blocks.{layer}.hook_resid_post": 768 for layer in range(12)},
          "blocks.6.mlp.hook_post": 3072}
 MLP = "blocks.6.mlp.hook_post"
 K, H, A, P, T = 16, 12, 2, 4, 32
@@ -117,7 +119,8 @@ def pages(url: str) -> dict:
         "neurons": neurons,
         "neurons*": neurons_no_acts,
         "attention": lambda rs: D.attention_data(rs, 11, last, 1, decode),
-        "store": lambda rs: D.arrays_table(rs, sizes=True),
+        "store": lambda rs: D.arrays_table(rs, sizes=False),
+        "store+size": lambda rs: D.arrays_table(rs, sizes=True),
     }
 
 
@@ -143,15 +146,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="captures of the small store (x10 big)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where to build the stores (default: tmp)")
+    ap.add_argument("--reuse", action="store_true", help="reuse stores already in --dir")
     a = ap.parse_args()
     tmp = Path(a.dir or tempfile.mkdtemp(prefix="dash_bench_"))
     res = {}
     try:
         for n in (a.n, 10 * a.n):
             url = tmp / f"c{n}" / "capture.zarr"
-            shutil.rmtree(url, ignore_errors=True)
-            took = build(url, n)
-            print(f"built {n} captures in {took:.1f} s ({url})", flush=True)
+            if not (a.reuse and (url / "zarr.json").exists()):
+                shutil.rmtree(url, ignore_errors=True)
+                took = build(url, n)
+                print(f"built {n} captures in {took:.1f} s ({url})", flush=True)
             res[n] = measure(str(url), a.reps)
     finally:
         if a.dir is None:

@@ -29,6 +29,7 @@ from store.schema import STATS  # noqa: E402
 
 PAGES = ["Training", "Neurons", "Attention", "Store"]
 LIVE_EVERY_S = 2.0
+SIZES_AUTO_MAX = 200  # committed captures up to which the Store page measures bytes on disk
 EMPTY = ("No captures are committed in this store yet: the run is still starting. "
          "This page shows them as soon as the first capture is written.")
 
@@ -284,7 +285,9 @@ def page_store(url: str, rs) -> None:
         f"`{rs.source}` · P={rs.n_seqs} sequences x T={rs.seq_len} tokens · top-k={rs.k} · "
         f"attention layers {rs.attn_layers} (H={rs.n_heads}, A={rs.attn_seqs}) · "
         f"world {rs.world} · {len(rs.hooks)} hooks")
-    sizes = st.checkbox("Measure bytes on disk", value=True, key="sizes")
+    # walking every chunk file costs ~1 s per 1,000 captures: on by default for small stores
+    sizes = st.checkbox("Measure bytes on disk (lists every chunk file)",
+                        value=len(steps) <= SIZES_AUTO_MAX, key="sizes")
     df = D.cached_arrays(url, len(steps), sizes)
     st.caption(f"{len(df)} arrays")
     st.dataframe(df.drop(columns=["axes"]), key="arrays_table", hide_index=True)

@@ -138,7 +138,7 @@ def test_pages_render(server, browser, tmp_path):
 
     body = _load(browser, url, "neurons", ".js-plotly-plot", "Top-activating tokens", n=4)
     hook = next(iter(rs.hooks))
-    assert f"Top-activating tokens of neuron" in body and f"at step {steps[-1]}" in body
+    assert "Top-activating tokens of neuron" in body and f"at step {steps[-1]}" in body
     t = _plot_titles(browser)
     assert f"mean of the {rs.hooks[hook]} neurons of {hook} at step {steps[-1]}" in t
     from selenium.webdriver.common.by import By
