@@ -23,7 +23,6 @@ import streamlit as st
 
 from store.errors import StoreError
 from store.reader import RunStore
-from store.schema import STATS
 
 STORE_DIR = "capture.zarr"
 DEFAULT_ROOT = "runs"
@@ -190,14 +189,7 @@ def _stat_block(rs: RunStore, hook: str, stat: str, lo: int, hi: int
     with one slice (C/32 x (hi-lo)/128 chunks), not neuron by neuron."""
     D = rs.hooks[hook]
     lo, hi = max(0, int(lo)), min(D, int(hi))
-    steps, slots = rs._committed()
-    if not len(steps) or hi <= lo:
-        return steps, np.zeros((len(steps), max(hi - lo, 0)), np.float32)
-    if stat not in STATS:
-        raise StoreError(f"unknown statistic {stat!r}; stored: {', '.join(STATS)}")
-    m = int(slots.max()) + 1
-    block = rs._read(f"stats/{hook}/{stat}", (slice(0, m), slice(lo, hi)))
-    return steps, block[slots]
+    return rs.stat(hook, stat, slice(lo, min(max(hi, lo), D)))
 
 
 def neuron_heatmap(rs: RunStore, hook: str, stat: str, lo: int, hi: int,

@@ -213,20 +213,25 @@ class RunStore:
             sel = (s, self._check_seq(seq))
         return self._read(f"acts/{hook}", sel)
 
-    def stat(self, hook: str, stat: str, neuron: int | None = None
+    def stat(self, hook: str, stat: str, neuron: int | slice | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
-        """(committed steps, values): [n] for one neuron, [n, D] for all of them."""
+        """(committed steps, values): [n] for one neuron, [n, k] for a slice of neurons
+        (read as one block, not neuron by neuron), [n, D] for all of them."""
         D = self._check_hook(hook)
         if stat not in STATS:
             raise StoreError(f"unknown statistic {stat!r}; stored: {', '.join(STATS)}")
         steps, slots = self._committed()
-        if neuron is not None:
-            neuron = self._check_seq(neuron, D, "neuron")
+        if isinstance(neuron, slice):
+            col: Any = slice(*neuron.indices(D))
+            width = len(range(D)[col])
+        elif neuron is not None:
+            col = self._check_seq(neuron, D, "neuron")
+        else:
+            col, width = slice(None), D
         if not len(steps):
-            return steps, np.zeros((0,) if neuron is not None else (0, D), np.float32)
+            return steps, np.zeros((0,) if isinstance(col, int) else (0, width), np.float32)
         m = int(slots.max()) + 1  # only the rows up to the last committed slot
-        sel = (slice(0, m), neuron) if neuron is not None else (slice(0, m), slice(None))
-        return steps, self._read(f"stats/{hook}/{stat}", sel)[slots]
+        return steps, self._read(f"stats/{hook}/{stat}", (slice(0, m), col))[slots]
 
     def stats_at(self, hook: str, step: int, neuron: int | None = None
                  ) -> dict[str, np.ndarray]:

@@ -229,3 +229,20 @@ def test_arrays_with_other_codecs_are_written_through_zarr(tmp_path):
                       overwrite=True)
     _commit_all(url, [(1, 5)])
     u.check_capture(RunStore(url), 5)
+
+
+def test_stat_of_one_neuron_a_slice_and_all(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    StoreWriter.create_or_open(url, u.layout(STEPS))
+    _commit_all(url, [(0, 0), (2, 10)])
+    rs = RunStore(url)
+    hook = "blocks.0.hook_resid_post"
+    steps, all_ = rs.stat(hook, "mean")
+    assert steps.tolist() == [0, 10]
+    np.testing.assert_array_equal(all_, [u.stats(0, hook)["mean"], u.stats(10, hook)["mean"]])
+    _, one = rs.stat(hook, "mean", 3)
+    np.testing.assert_array_equal(one, all_[:, 3])
+    _, block = rs.stat(hook, "mean", slice(2, 6))
+    np.testing.assert_array_equal(block, all_[:, 2:6])
+    with pytest.raises(StoreError, match="unknown statistic"):
+        rs.stat(hook, "median")
