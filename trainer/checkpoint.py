@@ -74,6 +74,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """DCP's view of model (and optimizer) state: sharded tensors under FSDP, keyed by the
+    parameters' names, so any world size can load what another saved."""
+    if optimizer is None:
+        return {"model": get_state_dict(model, [])[0]}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
 @contextlib.contextmanager
 def _quiet_single_process():
     # DCP warns that it "assumes" a single process when no process group exists: that is
@@ -112,12 +121,7 @@ def save(
         tmp.mkdir()
     tdist.barrier(info)
 
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-    else:
-        model_sd, _ = get_state_dict(model, [])
-        state = {"model": model_sd}
+    state = _state(model, optimizer)
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp))  # collective; fsyncs every file it writes
     torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
@@ -168,12 +172,7 @@ def load(
         raise UserError(f"no complete checkpoint for step {step} in {ckpt_root(run_dir)}")
     meta = read_meta(path)
     with_optim = optimizer is not None and meta.get("has_optimizer", False)
-    if with_optim:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-    else:
-        model_sd, _ = get_state_dict(model, [])
-        state = {"model": model_sd}
+    state = _state(model, optimizer if with_optim else None)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
     if with_optim:

@@ -23,6 +23,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from trainer.cli import run_cli
 from trainer.config import RunConfig, UserError
 
 
@@ -136,12 +137,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # 1 process
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

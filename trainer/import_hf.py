@@ -69,16 +69,12 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from trainer.hf import quiet_cli
+    from trainer.cli import run_cli
+    from trainer.hf import quiet_cli
 
-        quiet_cli()
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    args = build_parser().parse_args(argv)
+    quiet_cli()
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":
