@@ -6,6 +6,7 @@ SHARED ?= ../shared
 TEXT ?= $(SHARED)/data/tinyshakespeare.txt
 TOKENIZER_FILE ?= $(wildcard $(SHARED)/data/gpt2.tiktoken)
 NPROC ?= 2
+DASHBOARD ?= 1
 BIN := $(VENV)/bin
 
 .PHONY: setup browser test test-unit demo bench clean
@@ -38,6 +39,10 @@ demo: setup
 	    $(if $(TOKENIZER_FILE),--tokenizer-file $(TOKENIZER_FILE))
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer --config configs/tiny.toml \
 	    --data runs/data/tinyshakespeare --run-dir runs/tiny $(if $(wildcard runs/tiny/checkpoints),--resume)
+ifneq ($(DASHBOARD),0)
+	@echo "dashboard: http://localhost:8501 (Ctrl-C to stop)"
+	$(BIN)/streamlit run dashboard/app.py --server.headless true -- --run-dir runs/tiny
+endif
 
 bench: setup
 	$(BIN)/python benchmarks/train_speed.py
