@@ -1,12 +1,12 @@
 """Which activations to take: hook names and patterns resolved against the model's own
-TransformerLens hook points, and the capture schedule."""
+TransformerLens hook points (the schedule is capture/schedule.py)."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
 
-from trainer.config import ConfigError
+from capture.config import CaptureConfigError as ConfigError
 
 
 def default_hooks(n_layer: int, attn_only: bool = False) -> list[str]:
@@ -67,15 +67,14 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
     return layers
 
 
-def schedule(every: int, max_steps: int, log_early: bool, at_init: bool) -> list[int]:
-    """Steps to capture at: 0 (the initial weights), 1, 2, 4, ... below `every`, every
-    multiple of `every`, and the final step."""
-    steps = set(range(every, max_steps + 1, every)) | {max_steps}
-    if at_init:
-        steps.add(0)
-    if log_early:
-        s = 1
-        while s < min(every, max_steps):
-            steps.add(s)
-            s *= 2
-    return sorted(steps)
+def hook_width(name: str, n_embd: int) -> int:
+    """Width D of a hook's activation per token (heads flattened for q, k, v, z)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("hook_attn_scores", "hook_pattern"):
+        raise ConfigError(f"capture.hooks: {name} is an attention pattern; patterns are "
+                          f"chosen with capture.attn_layers")
+    if leaf == "hook_scale":
+        return 1
+    if name.endswith(("mlp.hook_pre", "mlp.hook_post")):
+        return 4 * n_embd
+    return n_embd

@@ -21,7 +21,8 @@ from ._common import layout_of, open_array, open_store, read_root, url_str
 from .dynamics import (ALIVE_ABOVE, DEAD_BELOW, NeuronEvents, PhaseChange, neuron_events,
                        phase_change)
 from .errors import CorruptStore, StoreError
-from .schema import AXES, STATS, Layout
+from .schema import AXES, STATS, TIERS, Layout
+from .snapshots import read_snapshot_file, snapshot_steps
 
 _RETRIES = 3  # a chunk replaced under a reader on a store without atomic writes: read again
 
@@ -43,9 +44,14 @@ class RunStore:
         self.layout: Layout = L
         # k of the top-k is `k` (and layout.topk): `topk` is the method reading them
         self.n_seqs, self.seq_len, self.k = L.n_seqs, L.seq_len, L.topk
-        self.hooks: dict[str, int] = dict(L.act_hooks)
+        # hooks: every hook with per-neuron statistics and top-k (summary tier, every
+        # capture); act_hooks: those whose activations full captures keep
+        self.hooks: dict[str, int] = dict(L.widths)
+        self.stat_hooks: dict[str, int] = dict(L.stat_hooks)
+        self.act_hooks: dict[str, int] = dict(L.act_hooks)
         self.attn_layers: list[int] = L.stored_attn_layers
-        self.n_heads, self.attn_seqs = L.n_heads, L.attn_seqs
+        self.n_heads, self.attn_seqs, self.attn_len = L.n_heads, L.attn_seqs, L.attn_len
+        self.has_token_loss = L.token_loss
         self.source, self.max_steps, self.world = L.source, L.max_steps, L.world
         # training dynamics (empty for stores written without them)
         self.head_score_names: list[str] = list(L.head_scores)
@@ -127,26 +133,67 @@ class RunStore:
         order = np.argsort(steps, kind="stable")
         return steps[order].astype(np.int64), slots[order].astype(np.int64)
 
-    def steps(self) -> np.ndarray:
-        """Committed steps, ascending (re-read on every call: the store may be live)."""
-        return self._committed()[0]
+    def _with_tiers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(committed steps, their slots, their tier bits)."""
+        steps, slots = self._committed()
+        if not len(steps):
+            return steps, slots, np.zeros(0, np.uint8)
+        m = int(slots.max()) + 1
+        bits = self._read("captures/tier", (slice(0, m),))[slots]
+        return steps, slots, bits.astype(np.uint8)
 
-    def nearest_steps(self, step: int) -> tuple[int | None, int | None]:
-        """(the largest committed step <= step, the smallest committed step >= step)."""
-        steps = self.steps()
+    def steps(self, tier: str | None = None) -> np.ndarray:
+        """Committed steps, ascending (re-read on every call: the store may be live);
+        with `tier` ("summary" or "full"), only the captures that hold it."""
+        if tier is None or tier == "summary":
+            return self._committed()[0]
+        bit = self._tier_bit(tier)
+        steps, _, bits = self._with_tiers()
+        return steps[(bits & bit) != 0]
+
+    def tiers(self) -> dict[int, list[str]]:
+        """{committed step: the tiers it holds, e.g. ["summary", "full"]}."""
+        steps, _, bits = self._with_tiers()
+        return {int(s): [n for n, b in TIERS.items() if int(t) & b]
+                for s, t in zip(steps, bits)}
+
+    @staticmethod
+    def _tier_bit(tier: str) -> int:
+        if tier not in TIERS:
+            raise StoreError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
+        return TIERS[tier]
+
+    def nearest_steps(self, step: int, tier: str | None = None
+                      ) -> tuple[int | None, int | None]:
+        """(the largest committed step <= step, the smallest committed step >= step), of
+        the captures holding `tier` when given."""
+        steps = self.steps(tier)
         i = int(np.searchsorted(steps, int(step), side="right"))
         before = int(steps[i - 1]) if i > 0 else None
         j = int(np.searchsorted(steps, int(step), side="left"))
         after = int(steps[j]) if j < len(steps) else None
         return before, after
 
-    def slot(self, step: int) -> int:
-        """The slot of a committed step; StoreError naming the nearest ones otherwise."""
+    def slot(self, step: int, tier: str | None = None) -> int:
+        """The slot of a committed step (holding `tier`, when given); StoreError naming
+        the nearest ones otherwise."""
         steps, slots = self._committed()
         step = int(step)
         i = int(np.searchsorted(steps, step))
         if i < len(steps) and steps[i] == step:
-            return int(slots[i])
+            s = int(slots[i])
+            if tier is None or tier == "summary":
+                return s
+            if int(self._read("captures/tier", (s,))) & self._tier_bit(tier):
+                return s
+            full = self.steps(tier)
+            j = int(np.searchsorted(full, step))
+            near = ", ".join(f"{w} {int(x)}" for w, x in
+                             (("before", full[j - 1] if j > 0 else None),
+                              ("after", full[j] if j < len(full) else None)) if x is not None)
+            raise StoreError(f"step {step} has a summary capture only; its activations and "
+                             f"attention are kept at {tier} captures"
+                             f"{': nearest ' + near if near else ' (none committed yet)'}")
         if not len(steps):
             raise StoreError(f"step {step} is not captured: store {self.url} has no committed "
                              f"captures yet")
@@ -158,6 +205,15 @@ class RunStore:
                          f"({len(steps)} captured)")
 
     def _check_hook(self, hook: str) -> int:
+        """Width of a hook whose activations are stored (full captures)."""
+        if hook not in self.act_hooks:
+            extra = (f" ({hook} has statistics only: full captures keep the activations of "
+                     f"capture.hooks)") if hook in self.stat_hooks else ""
+            raise StoreError(f"hook {hook!r} has no stored activations{extra}; stored: "
+                             f"{', '.join(self.act_hooks) or '(none)'}")
+        return self.act_hooks[hook]
+
+    def _check_stat_hook(self, hook: str) -> int:
         if hook not in self.hooks:
             raise StoreError(f"hook {hook!r} is not stored; stored hooks: "
                              f"{', '.join(self.hooks) or '(none)'}")
@@ -204,9 +260,10 @@ class RunStore:
         return tuple(self._array(f"acts/{hook}").chunks)
 
     def activations(self, hook: str, step: int, seq: int | slice | None = None) -> np.ndarray:
-        """float16 [T, D] for one sequence, or [n, T, D] for a slice (None: all P)."""
+        """float16 [T, D] for one sequence, or [n, T, D] for a slice (None: all P), at a
+        full capture."""
         self._check_hook(hook)
-        s = self.slot(step)
+        s = self.slot(step, "full")
         if seq is None:
             sel: Any = (s,)
         elif isinstance(seq, slice):
@@ -223,7 +280,7 @@ class RunStore:
              ) -> tuple[np.ndarray, np.ndarray]:
         """(committed steps, values): [n] for one neuron, [n, k] for a slice of neurons
         (read as one block, not neuron by neuron), [n, D] for all of them."""
-        D = self._check_hook(hook)
+        D = self._check_stat_hook(hook)
         if stat not in STATS:
             raise StoreError(f"unknown statistic {stat!r}; stored: {', '.join(STATS)}")
         steps, slots = self._committed()
@@ -243,14 +300,14 @@ class RunStore:
                  ) -> dict[str, np.ndarray]:
         """Every statistic of `hook` at one step: each [D], or a scalar for one neuron (then
         one chunk per statistic is read)."""
-        D = self._check_hook(hook)
+        D = self._check_stat_hook(hook)
         col: Any = slice(None) if neuron is None else self._check_seq(neuron, D, "neuron")
         s = self.slot(step)
         return {st: self._read(f"stats/{hook}/{st}", (s, col)) for st in STATS}
 
     def topk(self, hook: str, step: int, neuron: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(values, seq, pos) of the neuron's top-k tokens at `step`, largest first."""
-        D = self._check_hook(hook)
+        D = self._check_stat_hook(hook)
         neuron = self._check_seq(neuron, D, "neuron")
         s = self.slot(step)
         v = self._read(f"topk/{hook}/value", (s, neuron))
@@ -300,7 +357,7 @@ class RunStore:
             raise StoreError(f"no neuron logit effects for layer {layer}; stored layers: "
                              f"{', '.join(map(str, self.dla_layers)) or '(none)'}")
         neuron = self._check_seq(neuron, self.d_mlp, "neuron")
-        s = self.slot(step)
+        s = self.slot(step, "full")
         return {f"{end}_{kind}": self._read(f"dla/{int(layer)}/{end}_{kind}", (s, neuron))
                 for end in ("top", "bottom") for kind in ("token", "value")}
 
@@ -318,12 +375,13 @@ class RunStore:
         return phase_change(steps, s, threshold, layers)
 
     def attention(self, layer: int, step: int, seq: int, head: int | None = None) -> np.ndarray:
-        """float16 attention pattern [H, T, T] (query, key), or [T, T] for one head."""
+        """float16 attention pattern [H, Ta, Ta] (query, key; the first Ta = attn_len
+        positions), or [Ta, Ta] for one head, at a full capture."""
         if int(layer) not in self.attn_layers:
             raise StoreError(f"attention of layer {layer} is not stored; stored layers: "
                              f"{', '.join(map(str, self.attn_layers)) or '(none)'}")
         seq = self._check_seq(seq, self.attn_seqs, "attention sequence")
-        s = self.slot(step)
+        s = self.slot(step, "full")
         if head is None:
             return self._read(f"attn/{int(layer)}", (s, seq))
         return self._read(f"attn/{int(layer)}",
@@ -335,6 +393,8 @@ class RunStore:
         if names is None:
             raise StoreError(f"no metrics split {split!r}; stored: "
                              f"{', '.join(self.layout.metrics)}")
+        for n in names:  # re-open: the writer grows them as training goes past their end
+            self._arrays.pop(f"metrics/{split}/{n}", None)
         try:
             vals = {n: self._read(f"metrics/{split}/{n}", slice(None)) for n in names}
         except CorruptStore:
@@ -342,13 +402,48 @@ class RunStore:
                 vals = {}
             else:
                 raise
-        if not vals or self.max_steps == 0:
+        S = max((len(v) for v in vals.values()), default=0)  # the arrays grow with the run
+        if not vals or S == 0:
             return {"step": np.zeros(0, np.int64), **{n: np.zeros(0, np.float32) for n in names}}
-        keep = np.zeros(self.max_steps, bool)
+        keep = np.zeros(S, bool)
         for v in vals.values():
-            keep[:len(v)] |= ~np.isnan(v[:self.max_steps])
+            keep[:len(v)] |= ~np.isnan(v)
+        vals = {n: np.concatenate([v, np.full(S - len(v), np.nan, v.dtype)])
+                for n, v in vals.items()}
         idx = np.nonzero(keep)[0]
         return {"step": idx + 1, **{n: v[idx] for n, v in vals.items()}}
+
+    # ------------------------------------------------------------------ probe loss
+
+    def token_loss(self, step: int, seq: int | None = None) -> np.ndarray:
+        """The model's loss on each probe token at `step`: [P, T], or [T] for one
+        sequence; position t is -log p(token t | tokens before it), NaN at position 0."""
+        if not self.has_token_loss:
+            raise StoreError("this store keeps no per-token loss (captured before it existed, "
+                             "or with capture.token_loss=false)")
+        s = self.slot(step)
+        if seq is None:
+            return self._read("loss/token", (s,))
+        return self._read("loss/token", (s, self._check_seq(seq)))
+
+    def icl(self) -> tuple[np.ndarray, np.ndarray]:
+        """(committed steps, in-context-learning score per capture): the probe's mean loss
+        late in the context minus early (Olsson et al. 2022; capture/dynamics.py says which
+        positions). It falls below zero as the model learns to use its context."""
+        if not self.has_token_loss:
+            raise StoreError("this store keeps no in-context-learning score (no per-token "
+                             "loss)")
+        return self._rows("loss/icl")
+
+    # ------------------------------------------------------------------ weight snapshots
+
+    def snapshot_steps(self) -> list[int]:
+        """Steps whose model weights the store holds (snapshots/<step>/), ascending."""
+        return snapshot_steps(self._store)
+
+    def snapshot_file(self, step: int, name: str = "model.safetensors") -> bytes:
+        """One file of the weight snapshot at `step` (model.safetensors, config.json)."""
+        return read_snapshot_file(self._store, self.url, int(step), name)
 
     # ------------------------------------------------------------------ explorer
 

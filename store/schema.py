@@ -14,7 +14,13 @@ import numpy as np
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Tiers of a capture (captures/tier holds their bits). summary: every capture (statistics,
+# top-k, head scores, logit lens, per-token probe loss); full: also the activations, the
+# attention patterns and the neuron logit effects, on a sparser schedule.
+SUMMARY, FULL = 1, 2
+TIERS = {"summary": SUMMARY, "full": FULL}
 
 STATS = ("mean", "std", "min", "max", "frac_active")  # frac_active = fraction of tokens > 0
 # Per-head training-dynamics scores (capture/dynamics.py defines them).
@@ -26,7 +32,8 @@ METRICS = {"train": ("loss", "lr", "grad_norm", "tokens_per_s"),
            "val": ("loss", "hellaswag_acc_norm")}
 
 # Chunking of the arrays only rank 0 writes (see docs/store.md, "Chunking").
-STEP_CHUNK = 1024      # captures/{scheduled_step,step}: every reader reads all of it anyway
+STEP_CHUNK = 1024      # captures/{step,tier}: every reader reads all of it anyway
+SLOT_BLOCK = 1024      # the capture axis grows by this many slots (one captures/step chunk)
 STATS_CAPTURES = 32    # stats/<hook>/<stat> chunk = (32 captures, 128 neurons): 16 KiB,
 STATS_NEURONS = 128    # one neuron over C captures = C/32 chunks, one capture = D/128 chunks
 TOPK_NEURONS = 128     # topk/<hook>/*: (1 capture, 128 neurons, k): no chunk spans captures
@@ -46,6 +53,8 @@ AXES = {
     "head": "attention head",
     "query": "query position",
     "key": "key position (causal: key <= query)",
+    "qpos": "query position among the first attn_len",
+    "kpos": "key position among the first attn_len (causal: kpos <= qpos)",
     "step": "training step - 1 (index i holds step i + 1)",
     "layer": "transformer block",
     "rseq": "sequence of the repeated-token probe",
@@ -66,6 +75,9 @@ class ArraySpec:
     axes: tuple[str, ...]
     writer: str
     meaning: str
+    # When a capture writes it: "summary" (every capture), "full" (full captures only), or
+    # "" (not per capture: written once, or per training step).
+    tier: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -81,24 +93,30 @@ def _check_name(name: str, what: str) -> None:
 
 @dataclass
 class Layout:
-    """Everything needed to preallocate a run's store (slot c <-> scheduled_steps[c])."""
+    """Everything needed to create a run's store. Nothing here depends on when captures
+    happen: they are appended to the capture axis as they are taken (slot c is the c-th
+    capture; its step is captures/step[c])."""
 
-    scheduled_steps: list[int]      # the capture schedule
     n_seqs: int                     # P: sequences per capture
     seq_len: int                    # T
-    act_hooks: dict[str, int]       # hook name -> width D (last dim)
+    act_hooks: dict[str, int]       # full tier: hook name -> width D of stored activations
     topk: int                       # k
-    attn_layers: list[int]          # layers whose attention pattern is stored
+    attn_layers: list[int]          # layers whose attention pattern is stored (full tier)
     n_heads: int                    # H
     attn_seqs: int                  # A: patterns of the first A sequences of each capture
-    max_steps: int                  # length of the metrics arrays
+    max_steps: int                  # the metrics arrays' initial length (they grow)
     world: int                      # ranks writing (the done-flags' width)
     source: str                     # "probe" | "train"
     attrs: dict                     # extra JSON attrs for the root group
     probe_tokens: np.ndarray | None = None   # [P, T] int, for source "probe"
     metrics: dict[str, list[str]] = field(
         default_factory=lambda: {k: list(v) for k, v in METRICS.items()})
-    # Training dynamics (all optional: a store without them is still schema 1).
+    # summary tier: hook name -> width D of the per-neuron statistics and top-k (None: the
+    # same hooks as act_hooks)
+    stat_hooks: dict[str, int] | None = None
+    attn_len: int = 0                   # query and key positions kept (0: all T)
+    token_loss: bool = False            # loss/token and loss/icl (summary tier)
+    # Training dynamics (summary tier but dla, which is full tier).
     n_layers: int = 0                   # L: layers of the head scores and the logit lens
     head_scores: list[str] = field(default_factory=list)  # subset of HEAD_SCORES
     logit_lens: bool = False
@@ -108,25 +126,28 @@ class Layout:
     dla_k: int = 0                      # K: promoted and suppressed tokens kept per neuron
 
     def __post_init__(self) -> None:
-        self.scheduled_steps = [int(s) for s in self.scheduled_steps]
         self.act_hooks = {str(k): int(v) for k, v in self.act_hooks.items()}
+        if self.stat_hooks is None:
+            self.stat_hooks = dict(self.act_hooks)
+        self.stat_hooks = {str(k): int(v) for k, v in self.stat_hooks.items()}
         self.attn_layers = [int(x) for x in self.attn_layers]
-        for name in ("n_seqs", "seq_len", "topk", "n_heads", "attn_seqs", "max_steps", "world"):
+        for name in ("n_seqs", "seq_len", "topk", "n_heads", "attn_seqs", "max_steps", "world",
+                     "attn_len"):
             setattr(self, name, int(getattr(self, name)))
+        if self.attn_len <= 0 or self.attn_len > self.seq_len:
+            self.attn_len = self.seq_len
         self.metrics = {str(k): [str(n) for n in v] for k, v in self.metrics.items()}
         self.head_scores = [str(x) for x in self.head_scores]
         self.dla_layers = [int(x) for x in self.dla_layers]
         for name in ("n_layers", "d_mlp", "dla_k"):
             setattr(self, name, int(getattr(self, name)))
         self.logit_lens = bool(self.logit_lens)
+        self.token_loss = bool(self.token_loss)
         self.validate()
 
     # ------------------------------------------------------------------ checks
 
     def validate(self) -> None:
-        s = self.scheduled_steps
-        if any(b <= a for a, b in zip(s, s[1:])) or (s and s[0] < 0):
-            raise StoreError("scheduled_steps must be non-negative and strictly increasing")
         for name in ("n_seqs", "seq_len", "world"):
             if getattr(self, name) < 1:
                 raise StoreError(f"layout {name} must be at least 1, got {getattr(self, name)}")
@@ -138,10 +159,15 @@ class Layout:
         if self.source not in SOURCES:
             raise StoreError(f"layout source must be one of {', '.join(SOURCES)}, "
                              f"got {self.source!r}")
-        for hook, d in self.act_hooks.items():
-            _check_name(hook, "hook name")
-            if d < 1:
-                raise StoreError(f"hook {hook} has width {d}; widths must be at least 1")
+        for hooks in (self.act_hooks, self.stat_hooks):
+            for hook, d in hooks.items():
+                _check_name(hook, "hook name")
+                if d < 1:
+                    raise StoreError(f"hook {hook} has width {d}; widths must be at least 1")
+        clash = [h for h in self.act_hooks if h in self.stat_hooks
+                 and self.stat_hooks[h] != self.act_hooks[h]]
+        if clash:
+            raise StoreError(f"hook {clash[0]} has two widths in the layout")
         if len(set(self.attn_layers)) != len(self.attn_layers) or any(
                 x < 0 for x in self.attn_layers):
             raise StoreError(f"attn_layers must be distinct non-negative layer numbers, "
@@ -204,14 +230,14 @@ class Layout:
     # ------------------------------------------------------------------ derived
 
     @property
-    def n_captures(self) -> int:
-        """C: the number of capture slots."""
-        return len(self.scheduled_steps)
-
-    @property
     def stored_attn_layers(self) -> list[int]:
         """The layers whose attention has arrays (none when attn_seqs is 0)."""
         return list(self.attn_layers) if self.attn_seqs > 0 else []
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Every hook with any array (activations or statistics) and its width."""
+        return {**self.stat_hooks, **self.act_hooks}
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -225,123 +251,149 @@ class Layout:
                   probe_tokens: np.ndarray | None = None,
                   repeated_tokens: np.ndarray | None = None) -> "Layout":
         """The inverse of to_json; KeyError/TypeError/ValueError/StoreError when malformed."""
-        known = {k: d[k] for k in ("scheduled_steps", "n_seqs", "seq_len", "act_hooks", "topk",
-                                   "attn_layers", "n_heads", "attn_seqs", "max_steps", "world",
-                                   "source")}
+        known = {k: d[k] for k in ("n_seqs", "seq_len", "act_hooks", "topk", "attn_layers",
+                                   "n_heads", "attn_seqs", "max_steps", "world", "source")}
         metrics = d.get("metrics", {k: list(v) for k, v in METRICS.items()})
         stand_in = d.get("source") == "probe" and probe_tokens is None
         if stand_in:  # validation wants them; they are in probe/tokens, read when asked
             probe_tokens = np.zeros((int(d["n_seqs"]), int(d["seq_len"])), np.int32)
-        dyn = {k: d[k] for k in ("n_layers", "head_scores", "logit_lens", "dla_layers", "d_mlp",
-                                 "dla_k") if k in d}  # absent in stores from before them
-        rep_stand_in = any(x in REPEAT_SCORES for x in dyn.get("head_scores", ())) \
+        opt = {k: d[k] for k in ("stat_hooks", "attn_len", "token_loss", "n_layers",
+                                 "head_scores", "logit_lens", "dla_layers", "d_mlp", "dla_k")
+               if k in d}
+        rep_stand_in = any(x in REPEAT_SCORES for x in opt.get("head_scores", ())) \
             and repeated_tokens is None
         if rep_stand_in:  # likewise: they are in probe/repeated
             repeated_tokens = np.zeros((1, 2), np.int32)
         lay = cls(**known, attrs=dict(attrs or {}), probe_tokens=probe_tokens, metrics=metrics,
-                  repeated_tokens=repeated_tokens, **dyn)
+                  repeated_tokens=repeated_tokens, **opt)
         if stand_in:
             lay.probe_tokens = None
         if rep_stand_in:
             lay.repeated_tokens = None
         return lay
 
-    def array_specs(self) -> list[ArraySpec]:
-        """Every array of the store, in creation order (captures/step last)."""
-        C, P, T, W, k = self.n_captures, self.n_seqs, self.seq_len, self.world, self.topk
-        A, H = self.attn_seqs, self.n_heads
+    def array_specs(self, capacity: int = SLOT_BLOCK) -> list[ArraySpec]:
+        """Every array of the store with `capacity` capture slots, in creation order
+        (captures/step, the commit record, last)."""
+        C, P, T, W, k = capacity, self.n_seqs, self.seq_len, self.world, self.topk
+        A, H, Ta = self.attn_seqs, self.n_heads, self.attn_len
         out: list[ArraySpec] = []
-        add = out.append
-        add(ArraySpec("captures/scheduled_step", (C,), "int64", (STEP_CHUNK,), -1, True,
-                      ("capture",), "rank 0, at create and when a resume extends the schedule",
-                      "the step each slot is for (the capture schedule)"))
-        add(ArraySpec("captures/done", (C, W), "uint8", (1, 1), 0, False, ("capture", "rank"),
-                      "each rank its own column, after its part of the capture is written",
-                      "1 where that rank's part of the capture is written"))
+
+        def add(*a, tier: str = "") -> None:
+            out.append(ArraySpec(*a, tier=tier))
+
+        add("captures/tier", (C,), "uint8", (STEP_CHUNK,), 0, True, ("capture",),
+            "rank 0, at commit (before captures/step)",
+            "the tiers of each committed capture: 1 summary, 2 full (bits)", tier="summary")
+        add("captures/done", (C, W), "uint8", (1, 1), 0, False, ("capture", "rank"),
+            "each rank its own column, after its part of the capture is written",
+            "1 where that rank's part of the capture is written", tier="summary")
         if self.source == "probe":
-            add(ArraySpec("probe/tokens", (P, T), "int32", (P, T), -1, True, ("seq", "pos"),
-                          "rank 0, at create", "the probe set's token ids"))
-        add(ArraySpec("inputs/tokens", (C, P, T), "int32", (1, 1, T), -1, True,
-                      ("capture", "seq", "pos"), "each rank its own sequences",
-                      "the token ids each capture ran on"))
+            add("probe/tokens", (P, T), "int32", (P, T), -1, True, ("seq", "pos"),
+                "rank 0, at create", "the probe set's token ids")
+        add("inputs/tokens", (C, P, T), "int32", (1, 1, T), -1, True,
+            ("capture", "seq", "pos"), "each rank its own sequences",
+            "the token ids each capture ran on", tier="summary")
         for hook, D in self.act_hooks.items():
-            add(ArraySpec(f"acts/{hook}", (C, P, T, D), "float16", (1, 1, T, D), math.nan,
-                          False, ("capture", "seq", "pos", "neuron"),
-                          "each rank its own sequences", f"activations of {hook}"))
-        for hook, D in self.act_hooks.items():
+            add(f"acts/{hook}", (C, P, T, D), "float16", (1, 1, T, D), math.nan, False,
+                ("capture", "seq", "pos", "neuron"), "each rank its own sequences",
+                f"activations of {hook}", tier="full")
+        for hook, D in self.stat_hooks.items():
             dn = min(D, STATS_NEURONS)
             for st in STATS:
-                add(ArraySpec(f"stats/{hook}/{st}", (C, D), "float32", (STATS_CAPTURES, dn),
-                              math.nan, True, ("capture", "neuron"),
-                              "rank 0 (reduced over all ranks)",
-                              f"per-neuron {st} of {hook} over the capture's P*T tokens"))
-        for hook, D in self.act_hooks.items():
+                add(f"stats/{hook}/{st}", (C, D), "float32", (STATS_CAPTURES, dn), math.nan,
+                    True, ("capture", "neuron"), "rank 0 (reduced over all ranks)",
+                    f"per-neuron {st} of {hook} over the capture's P*T tokens", tier="summary")
+        for hook, D in self.stat_hooks.items():
             dn = min(D, TOPK_NEURONS)
-            add(ArraySpec(f"topk/{hook}/value", (C, D, k), "float32", (1, dn, k), math.nan,
-                          True, ("capture", "neuron", "k"), "rank 0 (reduced over all ranks)",
-                          f"each neuron's k largest activations of {hook}, descending"))
-            add(ArraySpec(f"topk/{hook}/index", (C, D, k), "int32", (1, dn, k), -1, True,
-                          ("capture", "neuron", "k"), "rank 0 (reduced over all ranks)",
-                          "where they are: seq * T + pos into inputs/tokens[c] (-1: none)"))
+            add(f"topk/{hook}/value", (C, D, k), "float32", (1, dn, k), math.nan, True,
+                ("capture", "neuron", "k"), "rank 0 (reduced over all ranks)",
+                f"each neuron's k largest activations of {hook}, descending", tier="summary")
+            add(f"topk/{hook}/index", (C, D, k), "int32", (1, dn, k), -1, True,
+                ("capture", "neuron", "k"), "rank 0 (reduced over all ranks)",
+                "where they are: seq * T + pos into inputs/tokens[c] (-1: none)",
+                tier="summary")
         for layer in self.stored_attn_layers:
-            add(ArraySpec(f"attn/{layer}", (C, A, H, T, T), "float16", (1, 1, H, T, T),
-                          math.nan, True, ("capture", "seq", "head", "query", "key"),
-                          "the rank holding that sequence",
-                          f"attention pattern of layer {layer} for the first {A} sequences"))
-        out += self._dynamics_specs()
+            add(f"attn/{layer}", (C, A, H, Ta, Ta), "float16", (1, 1, H, Ta, Ta), math.nan,
+                True, ("capture", "seq", "head", "qpos", "kpos"), "the rank holding that sequence",
+                f"attention pattern of layer {layer} for the first {A} sequences, the first "
+                f"{Ta} query and key positions", tier="full")
+        if self.token_loss:
+            add("loss/token", (C, P, T), "float32", (1, P, T), math.nan, True,
+                ("capture", "seq", "pos"), "rank 0 (gathered from all ranks)",
+                "the model's loss on each probe token given the ones before it (NaN at "
+                "position 0)", tier="summary")
+            add("loss/icl", (C,), "float32", (STEP_CHUNK,), math.nan, True, ("capture",),
+                "rank 0", "in-context-learning score: mean loss late in the context minus "
+                "early (negative: later tokens are predicted better)", tier="summary")
+        out += self._dynamics_specs(C)
         for split, names in self.metrics.items():
             for name in names:
-                add(ArraySpec(f"metrics/{split}/{name}", (self.max_steps,), "float32",
-                              (METRICS_CHUNK,), math.nan, True, ("step",), "rank 0",
-                              f"{split} {name} at each step (NaN: not logged)"))
-        add(ArraySpec("captures/step", (C,), "int64", (STEP_CHUNK,), -1, True, ("capture",),
-                      "rank 0, at commit (after every rank's done flag)",
-                      "the committed step of each slot; -1: not visible to readers"))
+                add(f"metrics/{split}/{name}", (self.max_steps,), "float32", (METRICS_CHUNK,),
+                    math.nan, True, ("step",), "rank 0 (grown as training goes past its end)",
+                    f"{split} {name} at each step (NaN: not logged)")
+        add("captures/step", (C,), "int64", (STEP_CHUNK,), -1, True, ("capture",),
+            "rank 0, at commit (after every rank's done flag)",
+            "the committed step of each slot; -1: not visible to readers", tier="summary")
         return out
 
-    def _dynamics_specs(self) -> list[ArraySpec]:
-        C, L, H, M, K = self.n_captures, self.n_layers, self.n_heads, self.d_mlp, self.dla_k
+    def _dynamics_specs(self, C: int) -> list[ArraySpec]:
+        L, H, M, K = self.n_layers, self.n_heads, self.d_mlp, self.dla_k
         out: list[ArraySpec] = []
-        add = out.append
+
+        def add(*a, tier: str = "") -> None:
+            out.append(ArraySpec(*a, tier=tier))
+
         if self.repeated_tokens is not None:
             R, N = np.asarray(self.repeated_tokens).shape
-            add(ArraySpec("probe/repeated", (R, N), "int32", (R, N), -1, True, ("rseq", "rpos"),
-                          "rank 0, at create",
-                          "the repeated-token probe: N/2 random tokens, then the same again"))
+            add("probe/repeated", (R, N), "int32", (R, N), -1, True, ("rseq", "rpos"),
+                "rank 0, at create",
+                "the repeated-token probe: N/2 random tokens, then the same again")
         for score in self.head_scores:
-            add(ArraySpec(f"heads/{score}", (C, L, H), "float32", (DYN_CAPTURES, L, H),
-                          math.nan, True, ("capture", "layer", "head"),
-                          "rank 0 (reduced over all ranks)",
-                          f"each head's {score} score (capture/dynamics.py)"))
+            add(f"heads/{score}", (C, L, H), "float32", (DYN_CAPTURES, L, H), math.nan, True,
+                ("capture", "layer", "head"), "rank 0 (reduced over all ranks)",
+                f"each head's {score} score (capture/dynamics.py)", tier="summary")
         if self.logit_lens:
-            add(ArraySpec("lens/loss", (C, L), "float32", (DYN_CAPTURES, L), math.nan, True,
-                          ("capture", "layer"), "rank 0 (reduced over all ranks)",
-                          "logit lens: next-token loss on the probe of each block's output "
-                          "through the final LayerNorm and the unembedding"))
+            add("lens/loss", (C, L), "float32", (DYN_CAPTURES, L), math.nan, True,
+                ("capture", "layer"), "rank 0 (reduced over all ranks)",
+                "logit lens: next-token loss on the probe of each block's output "
+                "through the final LayerNorm and the unembedding", tier="summary")
         # One chunk per layer and capture (GPT-2 124M: 3072 x 10 x 4 B = 120 KiB): the page
         # reads one neuron at one step, and 128-neuron chunks would make every capture
         # write 24 files per array per layer (1,152 for GPT-2's 12 layers).
         for layer in self.dla_layers:
             for end, order in (("top", "most promoted, descending"),
                                ("bottom", "most suppressed, ascending")):
-                add(ArraySpec(f"dla/{layer}/{end}_token", (C, M, K), "int32", (1, M, K), -1,
-                              True, ("capture", "neuron", "k"), "rank 0",
-                              f"the K tokens each neuron of layer {layer}'s MLP {order} "
-                              f"directly (W_out through ln_final and W_U)"))
-                add(ArraySpec(f"dla/{layer}/{end}_value", (C, M, K), "float32", (1, M, K),
-                              math.nan, True, ("capture", "neuron", "k"), "rank 0",
-                              "their direct logit effects per unit of activation"))
+                add(f"dla/{layer}/{end}_token", (C, M, K), "int32", (1, M, K), -1, True,
+                    ("capture", "neuron", "k"), "rank 0",
+                    f"the K tokens each neuron of layer {layer}'s MLP {order} "
+                    f"directly (W_out through ln_final and W_U)", tier="full")
+                add(f"dla/{layer}/{end}_value", (C, M, K), "float32", (1, M, K), math.nan,
+                    True, ("capture", "neuron", "k"), "rank 0",
+                    "their direct logit effects per unit of activation", tier="full")
         return out
 
-    def bytes_per_capture(self) -> int:
-        """Uncompressed bytes of one capture, over all arrays with a capture axis."""
+    def bytes_per_capture(self, tier: str = "summary") -> int:
+        """Uncompressed bytes one capture of `tier` adds: "summary" (what every capture
+        writes) or "full" (what a full capture writes on top of its summary)."""
+        if tier not in TIERS:
+            raise StoreError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
         total = 0
-        for spec in self.array_specs():
-            if spec.axes[0] == "capture":
-                per = int(np.prod(spec.shape[1:], dtype=np.int64))
-                total += per * np.dtype(spec.dtype).itemsize
+        for spec in self.array_specs(1):
+            if spec.tier == tier:
+                total += spec.nbytes
         return int(total)
 
-    def bytes_total(self) -> int:
-        """Uncompressed bytes of every array of the run's store."""
-        return int(sum(spec.nbytes for spec in self.array_specs()))
+    def bytes_fixed(self, max_steps: int | None = None) -> int:
+        """Uncompressed bytes written once per run (the probes) or per training step (the
+        metrics, for `max_steps` steps)."""
+        S = self.max_steps if max_steps is None else int(max_steps)
+        total = 0
+        for spec in self.array_specs(1):
+            if spec.tier:
+                continue
+            if spec.axes == ("step",):
+                total += S * np.dtype(spec.dtype).itemsize
+            else:
+                total += spec.nbytes
+        return int(total)

@@ -22,9 +22,10 @@ from zarr.storage import LocalStore
 from ._chunks import ChunkCodec, make_sink
 from ._common import (as_array, layout_of, now_iso, open_array, open_store, read_root, syncfs,
                       url_str)
-from ._create import create, done_slot, list_keys, reconcile
+from ._create import capacity, create, done_slot, grow, list_keys, reconcile
 from .errors import StoreError, StoreNotFound
-from .schema import STATS, STATUSES, Layout
+from .schema import FULL, STATS, STATUSES, SUMMARY, TIERS, Layout
+from .snapshots import delete_snapshot_marker, snapshot_steps, write_snapshot
 
 # Threads writing the chunks of one call (benchmarks/store_write.py: on 2 cores, 2 and 4
 # are alike and beat 1). STORE_WRITE_THREADS overrides.
@@ -46,17 +47,18 @@ class StoreWriter:
         self._durable = bool(durable) and self._local is not None
         self._sink = make_sink(store, DEFAULT_THREADS if threads is None else threads)
         self._codecs: dict[str, ChunkCodec | None] = {}
-        self._sched = np.asarray(self.layout.scheduled_steps, np.int64)
+        self._cap = capacity(store)  # capture slots; rank 0 grows it (reserve)
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
     def create_or_open(cls, url: str, layout: Layout, storage_options: dict | None = None, *,
                        durable: bool = True, threads: int | None = None) -> "StoreWriter":
-        """Rank 0 only. A new store: create the group and preallocate every array. An
-        existing one (a resumed run): check it matches `layout`, extend the capture axis and
-        the metrics if the schedule or max_steps grew, reset the done flags if `world`
-        changed. Nothing is resized anywhere else."""
+        """Rank 0 only. A new store: create the group and every array (SLOT_BLOCK capture
+        slots, metadata only). An existing one (a resumed run): check that a capture's
+        arrays match `layout`, extend the metrics if max_steps grew, reset the done flags if
+        `world` changed. Captures are appended (`reserve`, then `commit`), whatever the
+        schedule: a resume may change it freely."""
         layout.validate()
         u = url_str(url)
         store = open_store(url, storage_options, read_only=False)
@@ -108,10 +110,32 @@ class StoreWriter:
 
     def _slot(self, slot: int) -> int:
         slot = int(slot)
-        if not 0 <= slot < len(self._sched):
-            raise StoreError(f"slot {slot} is out of range: the store has {len(self._sched)} "
-                             f"capture slots")
+        if slot >= self._cap:  # rank 0 may have grown the capture axis since we looked
+            with self._lock:
+                self._cap = capacity(self._store)
+                self._arrays.clear()
+        if not 0 <= slot < self._cap:
+            raise StoreError(f"slot {slot} is out of range: the store has {self._cap} "
+                             f"capture slots (rank 0 reserves a slot before it is written)")
         return slot
+
+    def reserve(self, slot: int) -> None:
+        """Rank 0, before any rank writes `slot`: grow the capture axis to hold it (a
+        metadata write per array, once every SLOT_BLOCK captures). The caller orders it
+        before the other ranks' writes (the trainer: a collective after it)."""
+        if int(slot) < self._cap:
+            return
+        cap = grow(self._store, self.layout, int(slot) + 1)
+        with self._lock:
+            self._cap = cap
+            self._arrays.clear()
+
+    def next_slot(self) -> int:
+        """The slot after the last committed capture (0 for none): where a run that has
+        just rolled back (`rollback_after`) appends its next capture."""
+        cur = np.asarray(self._array("captures/step")[:])
+        done = np.nonzero(cur >= 0)[0]
+        return int(done.max()) + 1 if done.size else 0
 
     def _seqs(self, start: int, n: int, limit: int | None = None) -> int:
         P = self.layout.n_seqs if limit is None else limit
@@ -205,14 +229,17 @@ class StoreWriter:
             self._array("inputs/tokens")[slot, start:start + t.shape[0]] = t
 
     def write_attn(self, layer: int, slot: int, seq: int, pattern: np.ndarray) -> None:
-        """pattern [H, T, T] float16 of sequence `seq` (< attn_seqs)."""
+        """pattern [H, Ta, Ta] float16 of sequence `seq` (< attn_seqs), Ta = attn_len; a
+        whole [H, T, T] pattern is cut to its first Ta query and key positions."""
         L = self.layout
         if int(layer) not in L.stored_attn_layers:
             raise StoreError(f"attention of layer {layer} is not stored; stored layers: "
                              f"{', '.join(map(str, L.stored_attn_layers)) or '(none)'}")
         slot, seq = self._slot(slot), self._seqs(seq, 1, L.attn_seqs)
-        p = as_array(pattern, "float16", (L.n_heads, L.seq_len, L.seq_len),
-                     f"write_attn layer {layer}")
+        Ta, p = L.attn_len, np.asarray(pattern)
+        if Ta < L.seq_len and p.shape == (L.n_heads, L.seq_len, L.seq_len):
+            p = p[:, :Ta, :Ta]
+        p = as_array(p, "float16", (L.n_heads, Ta, Ta), f"write_attn layer {layer}")
         path = f"attn/{int(layer)}"
         if self._array(path).chunks[1] != 1 or not self._put_chunks(
                 path, [((slot, seq, 0, 0, 0), p[None, None])]):
@@ -235,9 +262,7 @@ class StoreWriter:
         if set(stats) != set(STATS):
             raise StoreError(f"write_stats {hook}: expected exactly {', '.join(STATS)}; got "
                              f"{', '.join(sorted(stats))}")
-        if hook not in self.layout.act_hooks:
-            self._hook("acts", hook)  # raises the listing error
-        slot, D = self._slot(slot), self.layout.act_hooks[hook]
+        slot, D = self._slot(slot), self._stat_width(hook)
         rows = {st: as_array(stats[st], "float32", (D,), f"write_stats {hook} {st}")
                 for st in STATS}
         self._run([job for st in STATS for job in
@@ -245,15 +270,49 @@ class StoreWriter:
 
     def write_topk(self, hook: str, slot: int, value: np.ndarray, index: np.ndarray) -> None:
         """value [D, k] float32, index [D, k] int32 = seq * T + pos (-1: none)."""
-        if hook not in self.layout.act_hooks:
-            self._hook("acts", hook)
-        slot, D, k = self._slot(slot), self.layout.act_hooks[hook], self.layout.topk
+        slot, D, k = self._slot(slot), self._stat_width(hook), self.layout.topk
         v = as_array(value, "float32", (D, k), f"write_topk {hook} value")
         i = as_array(index, "int32", (D, k), f"write_topk {hook} index")
         if i.size and (i.min() < -1 or i.max() >= self.layout.n_seqs * self.layout.seq_len):
             raise StoreError(f"write_topk {hook}: index out of range -1..P*T-1")
         self._run(self._row_jobs(f"topk/{hook}/value", slot, v)
                   + self._row_jobs(f"topk/{hook}/index", slot, i))
+
+    def _stat_width(self, hook: str) -> int:
+        if hook not in self.layout.stat_hooks:
+            raise StoreError(f"hook {hook!r} has no statistics in this store; hooks with "
+                             f"statistics: {', '.join(self.layout.stat_hooks) or '(none)'}")
+        return self.layout.stat_hooks[hook]
+
+    def write_token_loss(self, slot: int, loss: np.ndarray, icl: float) -> None:
+        """The per-token probe loss [P, T] (NaN at position 0), gathered over all ranks,
+        and the in-context-learning score derived from it."""
+        L = self.layout
+        if not L.token_loss:
+            raise StoreError("this store keeps no per-token loss (layout token_loss is false)")
+        slot = self._slot(slot)
+        a = as_array(loss, "float32", (L.n_seqs, L.seq_len), "write_token_loss")
+        jobs = self._row_jobs("loss/token", slot, a)
+        self._run(jobs + self._cell_jobs("loss/icl", slot, np.float32(icl)))
+
+    def _cell_jobs(self, path: str, slot: int, value) -> list[Callable[[], None]]:
+        """Jobs writing arr[slot] = value for a 1-D array [C] (read-modify-write of its
+        chunk: rank 0 is its only writer)."""
+        codec = self._codec(path)
+        arr = self._array(path)
+        if codec is None:
+            def fallback() -> None:
+                arr[slot] = value
+            return [fallback]
+        ci, r = divmod(slot, codec.shape[0])
+        key = f"{path}/{codec.encode_key((ci,))}"
+        sink = self._sink
+
+        def run() -> None:
+            block = codec.decode(sink.get(key))
+            block[r] = value
+            sink.put(key, codec.encode(block))
+        return [run]
 
     def write_head_scores(self, slot: int, scores: dict[str, np.ndarray]) -> None:
         """Each stored head score as [L, H] float32, already reduced over all ranks."""
@@ -297,23 +356,29 @@ class StoreWriter:
         """Every rank has marked `slot`."""
         return bool(np.all(self._array("captures/done")[self._slot(slot)] == 1))
 
-    def commit(self, slot: int, step: int) -> None:
-        """Rank 0, after all_done: the capture becomes visible to readers."""
-        slot, step = self._slot(slot), int(step)
-        if step != self._sched[slot]:
-            raise StoreError(f"slot {slot} is for step {int(self._sched[slot])}, not {step}")
+    def commit(self, slot: int, step: int, tiers: int = SUMMARY | FULL) -> None:
+        """Rank 0, after all_done: the capture becomes visible to readers. `tiers`: the
+        bits of what it holds (SUMMARY, and FULL when it wrote the full tier)."""
+        slot, step, tiers = self._slot(slot), int(step), int(tiers)
+        if step < 0:
+            raise StoreError(f"step must be >= 0, got {step}")
+        if not tiers & SUMMARY or tiers & ~(SUMMARY | FULL):
+            raise StoreError(f"tiers must be SUMMARY or SUMMARY | FULL, got {tiers}")
         flags = self._array("captures/done")[slot]
         if not np.all(flags == 1):
             raise StoreError(f"cannot commit step {step}: ranks "
                              f"{', '.join(str(r) for r in np.nonzero(flags != 1)[0])} have not "
                              f"marked it done")
-        self._barrier()  # rank 0's own chunks (stats, top-k) before the commit
+        self._array("captures/tier")[slot] = tiers  # read only for committed slots
+        self._barrier()  # rank 0's own chunks (stats, top-k, tier) before the commit
         self._array("captures/step")[slot] = step
         self._barrier()  # the commit itself
 
     def rollback_after(self, step: int) -> list[int]:
-        """Resume: uncommit every slot whose step > `step` and clear the done flags of every
-        slot scheduled after `step`. Returns the slots that were committed and are not now."""
+        """Resume from a checkpoint at `step` (-1: a fresh start): uncommit every capture
+        after it, clear the done flags of every uncommitted slot, and withdraw the weight
+        snapshots after it. The run then appends at `next_slot()`, overwriting what those
+        slots held. Returns the slots that were committed and are not now."""
         step = int(step)
         arr = self._array("captures/step")
         cur = np.asarray(arr[:])
@@ -323,14 +388,30 @@ class StoreWriter:
             new[rolled] = -1
             lo, hi = int(rolled.min()), int(rolled.max()) + 1
             arr[lo:hi] = new[lo:hi]
-        later = set(np.nonzero(self._sched > step)[0].tolist())
-        stale = [k for k in list_keys(self._store, "captures/done/") if done_slot(k) in later]
+            cur = new
+        open_slots = set(np.nonzero(cur < 0)[0].tolist())
+        stale = [k for k in list_keys(self._store, "captures/done/")
+                 if done_slot(k) in open_slots]
         if stale:
             async def drop() -> None:
                 await asyncio.gather(*(self._store.delete(k) for k in stale))
             sync(drop())
+        for s in snapshot_steps(self._store):
+            if s > step:
+                delete_snapshot_marker(self._store, s)
         self._barrier()
         return [int(s) for s in rolled]
+
+    # ------------------------------------------------------------------ weight snapshots
+
+    def write_snapshot(self, step: int, files: dict[str, bytes]) -> None:
+        """Rank 0: the model's weights at `step` as files (e.g. model.safetensors and
+        config.json) under snapshots/<step>/, each written whole, then flushed, then the
+        marker that makes the snapshot visible (store/snapshots.py)."""
+        write_snapshot(self._store, self._sink, int(step), files, self._barrier)
+
+    def snapshot_steps(self) -> list[int]:
+        return snapshot_steps(self._store)
 
     def write_metrics(self, split: str, steps: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """split "train" | "val"; steps 1-based, the value of step s at index s-1."""
@@ -339,12 +420,11 @@ class StoreWriter:
             raise StoreError(f"metrics split {split!r} is not in this store; splits: "
                              f"{', '.join(self.layout.metrics)}")
         raw = np.asarray(steps, dtype=np.int64).reshape(-1)
-        S = self.layout.max_steps
         if raw.size == 0:
             return
-        if raw.min() < 1 or raw.max() > S:
-            raise StoreError(f"metric steps must be in 1..{S} (max_steps), got "
-                             f"{int(raw.min())}..{int(raw.max())}")
+        if raw.min() < 1:
+            raise StoreError(f"metric steps must be >= 1, got {int(raw.min())}")
+        self._grow_metrics(split, int(raw.max()))
         keep = None
         if np.any(np.diff(raw) <= 0):  # sort; of a repeated step, the last value wins
             keep = len(raw) - 1 - np.unique(raw[::-1], return_index=True)[1]
@@ -362,6 +442,22 @@ class StoreWriter:
                 arr[int(s[0]) - 1:int(s[-1])] = a
             else:
                 arr.oindex[s - 1] = a
+
+    def metrics_length(self, split: str) -> int:
+        """Steps the split's metrics arrays hold now (they grow with the run)."""
+        return int(self._array(f"metrics/{split}/{self.layout.metrics[split][0]}").shape[0])
+
+    def _grow_metrics(self, split: str, last: int) -> None:
+        """A run longer than any before it: rank 0 (the only writer of metrics) extends the
+        split's arrays, in whole chunks, before writing past their end."""
+        arrays = [self._array(f"metrics/{split}/{n}") for n in self.layout.metrics[split]]
+        if all(a.shape[0] >= last for a in arrays):
+            return
+        from .schema import METRICS_CHUNK
+        new = -(-last // METRICS_CHUNK) * METRICS_CHUNK
+        for a in arrays:
+            if a.shape[0] < new:
+                a.resize((new,))
 
     def set_status(self, status: str) -> None:
         """"training" | "finished" | "stopped" | "failed" in the root attrs, with updated_at."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capture.config import CaptureConfig
+from capture.config import CaptureConfig, CaptureConfigError
 
 
 class UserError(Exception):
@@ -196,22 +196,10 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         self.parallel.validate()
-        c = self.capture
-        if c.source not in ("probe", "train"):
-            raise ConfigError(f"capture.source must be 'probe' or 'train', got {c.source!r}")
-        for name in ("every", "probe_seqs", "topk", "queue_size"):
-            if getattr(c, name) <= 0:
-                raise ConfigError(f"capture.{name} must be positive, got {getattr(c, name)}")
-        if c.probe_len > self.model.block_size:
-            raise ConfigError(f"capture.probe_len ({c.probe_len}) exceeds model.block_size "
-                              f"({self.model.block_size})")
-        for name in ("repeat_seqs", "repeat_half", "dla_topk", "probe_len"):
-            if getattr(c, name) < 0:
-                raise ConfigError(f"capture.{name} must be >= 0, got {getattr(c, name)}")
-        if 2 * c.repeat_half > self.model.block_size:
-            raise ConfigError(f"capture.repeat_half ({c.repeat_half}) makes sequences of "
-                              f"{2 * c.repeat_half} tokens, more than model.block_size "
-                              f"({self.model.block_size}); lower it")
+        try:
+            self.capture.validate(self.model.block_size)  # capture checks its own settings
+        except CaptureConfigError as e:
+            raise ConfigError(str(e)) from None
         if self.seq_len > self.model.block_size:
             raise ConfigError(
                 f"train.seq_len ({self.seq_len}) exceeds model.block_size ({self.model.block_size})"

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from capture.capturer import Capturer
-from capture.capturer import check_config as check_capture
-from trainer import checkpoint
+from capture.capturer import Capturer, NoCapture
+from capture.config import CaptureConfigError
+from store.errors import StoreError
+from trainer import capture_setup, checkpoint
 from trainer import config as config_mod
 from trainer import dist as tdist
 from trainer.config import ConfigError, RunConfig, UserError
@@ -75,6 +76,11 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--max-steps", help="optimizer steps (train.max_steps)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run dir's latest complete checkpoint")
+    p.add_argument("--plan", action="store_true",
+                   help="print the capture plan (every tier's steps and bytes, against "
+                        "capture.budget) and exit, without data or training")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --plan: the world size to plan for (default: this launch's)")
     p.add_argument("--print-run-dir", action="store_true",
                    help="check the config and arguments, print the run dir and exit "
                         "(for launch scripts)")
@@ -176,7 +182,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     loader: DistributedLoader
     accum: int
-    capturer: Capturer
+    capturer: Capturer | NoCapture
     enc: Any  # tokenizer for samples (None when none could be loaded)
     hellaswag: list | None
     step: int = 0
@@ -196,7 +202,9 @@ def train_loop(r: Run, stops: StopSignals) -> int | None:
             r.step += 1
             record = step_record(r, loss, lr, grad_norm, time.perf_counter() - t0)
             t1 = time.perf_counter()
-            if r.capturer.maybe_capture(r.step, r.model, r.loader, r.accum):
+            batch = capture_setup.live_batch(r.loader, r.accum) \
+                if r.capturer.needs_batch(r.step) else None
+            if r.capturer.maybe_capture(r.step, r.model, batch):
                 record["capture_ms"] = (time.perf_counter() - t1) * 1e3  # training's stall
             record.update(maybe_eval(r.model, cfg, info, r.step, r.enc, autocast, r.hellaswag))
             if info.is_main:
@@ -258,8 +266,9 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
                                                      cfg.eval.hellaswag_examples)
     enc = _tokenizer(cfg, manifest, is_main)
     check_parallel(cfg.parallel, info)
+    spec = plan = None
     if cfg.capture.enabled:
-        check_capture(cfg, info)
+        spec, plan = capture_setup.check(cfg, info.world)  # settings and budget
     tdist.barrier(info)
     if is_main:
         write_config(cfg)
@@ -283,7 +292,9 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
             print(f"--resume: no checkpoint in {cfg.run_dir} yet; starting at step 0")
     if is_main:
         _print_plan(cfg, info, accum)
-    capturer = Capturer(cfg, info, resume_step=start_from)
+        if plan is not None:
+            print(capture_setup.format_plan(plan), flush=True)
+    capturer = capture_setup.make_capturer(cfg, info, spec, resume_step=start_from)
     return Run(cfg, info, model, optimizer, loader, accum, capturer, enc, hellaswag_examples,
                step)
 
@@ -400,8 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_run_dir:
             print(cfg.run_dir)
             return 0
+        if args.plan:
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            if world < 1:
+                raise ConfigError(f"--world-size must be at least 1, got {world}")
+            if os.environ.get("RANK", "0") == "0":
+                print(capture_setup.plan_text(cfg, world))
+            return 0
         return run(cfg, resume=args.resume)
-    except UserError as e:
+    except (UserError, CaptureConfigError, StoreError) as e:
         if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,8 @@ from trainer.model import GPT
 pytestmark = pytest.mark.integration
 
 # 3 layers so that "the middle block" is block 1; 4 probe sequences, 2 per rank.
-CAP = ["--model.n_layer=3", "--capture.every=3", "--capture.probe_seqs=4",
+CAP = ["--model.n_layer=3", "--capture.every=3", "--capture.full_every=3",
+       "--capture.probe_seqs=4",
        "--capture.probe_len=16", "--capture.attn_seqs=3", "--capture.topk=5"]
 
 
@@ -47,13 +48,17 @@ def fsdp_run(shakespeare_data, tmp_path_factory):
 
 def test_store_holds_the_models_own_activations_per_rank_slice(fsdp_run):
     run, r = fsdp_run
-    assert "capture: 5 captures" in r.stdout and "per capture" in r.stdout
+    assert "capture plan for 6 steps" in r.stdout and r.stdout.count("total: ") == 1
     store = RunStore(str(run / "capture.zarr"))
     assert list(store.steps()) == [0, 1, 2, 3, 6]  # init, log-spaced early, every 3, final
+    assert list(store.steps("full")) == [0, 1, 2, 3, 6]
     assert store.status == "finished"
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
              "blocks.2.hook_resid_post", "blocks.1.mlp.hook_post"]
-    assert sorted(store.hooks) == sorted(hooks)
+    assert sorted(store.act_hooks) == sorted(hooks)
+    # the summary tier: statistics of every block's residual stream and MLP neurons
+    assert sorted(store.hooks) == sorted(hooks + ["blocks.0.mlp.hook_post",
+                                                  "blocks.2.mlp.hook_post"])
     probe = store.probe_tokens()
     assert probe.shape == (4, 16)
     for step in store.steps():
@@ -151,6 +156,7 @@ def test_train_source_captures_the_live_micro_batch(shakespeare_data, tmp_path):
     run = tmp_path / "run"
     ok(run_cli(train_args(shakespeare_data, run, "--model.n_layer=5", "--capture.source=train",
                           "--capture.hooks=blocks.4.hook_resid_post", "--capture.every=2",
+                          "--capture.full_every=2",
                           "--capture.log_early=false", "--capture.at_init=false",
                           "--capture.attn_layers=none", "--checkpoint.every=2", steps=4)))
     store = RunStore(str(run / "capture.zarr"))
@@ -173,7 +179,8 @@ def test_train_source_captures_the_live_micro_batch(shakespeare_data, tmp_path):
 
 
 def _torn_slots(store_dir: Path, sched: list[int]) -> list[int]:
-    """Slots with some chunks on disk but not committed: a capture being written."""
+    """Slots with some chunks on disk but not committed: a capture being written. (Slot i
+    is the run's i-th capture: captures are appended, and nothing was rolled back yet.)"""
     try:
         committed = set(RunStore(str(store_dir)).steps().tolist())
     except Exception:  # noqa: BLE001 - the store is still being created
@@ -188,7 +195,8 @@ def test_kill9_during_capture_hides_the_torn_capture_and_resume_fills_it(
     """Large captures (many probe sequences) keep the writer busy; the run is killed while
     a capture's chunks are being written. The store stays readable, shows only whole
     captures, and the resumed run ends with every scheduled capture exactly once."""
-    big = ["--model.n_layer=2", "--capture.every=2", "--capture.probe_seqs=96",
+    big = ["--model.n_layer=2", "--capture.every=2", "--capture.full_every=2",
+           "--capture.probe_seqs=96",
            "--capture.probe_len=32", "--capture.attn_seqs=96",
            "--capture.hooks=blocks.*.hook_resid_*,blocks.*.hook_attn_out,blocks.*.hook_mlp_out",
            "--capture.log_early=false", "--checkpoint.every=4"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capture.hooks import schedule
+from capture.schedule import Schedule
 from helpers import ROOT, env, losses, read_metrics
 from store.reader import RunStore
 from test_train import TINY
@@ -122,7 +122,7 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 def expected_captures(run_dir: Path) -> list[int]:
     c = load_run_config(run_dir)
-    return schedule(c.capture.every, c.train.max_steps, c.capture.log_early, c.capture.at_init)
+    return Schedule.of(c.capture, c.train.max_steps).steps("summary")
 
 
 def check_whole_run(run_dir: Path) -> None:

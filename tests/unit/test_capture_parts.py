@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from capture.async_writer import AsyncWriter
-from capture.hooks import parse_layers, resolve_hooks, schedule
-from capture.stats import neuron_stats, topk_tokens
-from trainer.config import ConfigError, ModelConfig
+from capture.config import CaptureConfigError as ConfigError
+from capture.forward import _Stats
+from capture.hooks import parse_layers, resolve_hooks
+from capture.schedule import Schedule, cadence_steps
+from trainer.config import ModelConfig
 from trainer.dist import DistInfo
 from trainer.model import GPT
 
@@ -36,21 +38,39 @@ def test_layers_and_schedule():
     assert parse_layers("2,0", 3) == [0, 2]
     with pytest.raises(ConfigError, match="no layer 3"):
         parse_layers("3", 3)
-    assert schedule(20, 70, log_early=True, at_init=True) == [0, 1, 2, 4, 8, 16, 20, 40, 60, 70]
-    assert schedule(20, 60, log_early=False, at_init=False) == [20, 40, 60]
+    assert cadence_steps(20, 70, log_early=True, at_init=True) == [0, 1, 2, 4, 8, 16, 20, 40,
+                                                                    60, 70]
+    assert cadence_steps(20, 60, log_early=False, at_init=False) == [20, 40, 60]
+    assert cadence_steps(0, 60, log_early=True, at_init=True) == []
 
 
-def test_statistics_match_numpy():
+def test_tier_schedule_is_pythia_like_and_full_implies_summary():
+    s = Schedule(every=20, full_every=1000, snapshot_every=500, max_steps=2500)
+    assert s.steps("full") == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 2500]
+    assert s.steps("snapshot") == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 500, 1000, 1500,
+                                   2000, 2500]
+    summary = s.steps("summary")
+    assert set(s.steps("full")) <= set(summary)
+    # 0; 1, 2, 4, 8, 16; 125 multiples of 20; and the full tier's 32, 64, 128, 256, 512
+    assert summary[:8] == [0, 1, 2, 4, 8, 16, 20, 32] and len(summary) == 1 + 5 + 125 + 5
+    off = Schedule(every=5, full_every=0, snapshot_every=0, max_steps=10)
+    assert off.steps("full") == [] and off.steps("snapshot") == []
+    assert off.steps("summary") == [0, 1, 2, 4, 5, 10]
+
+
+def test_statistics_over_batches_match_numpy():
     torch.manual_seed(0)
     a = torch.randn(3, 7, 5)
-    st = neuron_stats(a, DistInfo())
+    acc = _Stats(5, 4, torch.device("cpu"))
+    acc.add(a[:2], first_row=2 * 7)  # this rank's slice starts at sequence 2 of the capture
+    acc.add(a[2:], first_row=4 * 7)  # ... its second batch at sequence 4
+    st, v, idx = acc.reduce(DistInfo())
     flat = a.reshape(-1, 5).numpy()
     np.testing.assert_allclose(st["mean"], flat.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(st["std"], flat.std(0), rtol=1e-5)
     np.testing.assert_allclose(st["min"], flat.min(0))
     np.testing.assert_allclose(st["max"], flat.max(0))
     np.testing.assert_allclose(st["frac_active"], (flat > 0).mean(0))
-    v, idx = topk_tokens(a, 4, seq_start=2, info=DistInfo())
     assert v.shape == idx.shape == (5, 4)
     np.testing.assert_allclose(v, -np.sort(-flat.T, axis=1)[:, :4])
     local = idx - 2 * 7  # this slice started at sequence 2 of the capture

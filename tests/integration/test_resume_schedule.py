@@ -1,0 +1,162 @@
+"""The open-ended schedule: a resumed run may change max_steps, the capture cadence or the
+world size and keeps appending to the same store, with the same losses as an uninterrupted
+run and the same activations at the steps both captured. And a kill -9 in the middle of a
+weight snapshot leaves only whole snapshots visible."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import losses, run_cli, torchrun
+from store.reader import RunStore
+from test_train import _popen, _wait_for, ok, train_args
+from trainer import checkpoint
+
+pytestmark = pytest.mark.integration
+
+# 16-token probe, statistics and activations every 3 steps, snapshots every 3.
+CAP = ["--capture.every=3", "--capture.full_every=3", "--capture.snapshot_every=3",
+       "--capture.probe_seqs=4", "--capture.probe_len=16", "--capture.attn_seqs=2"]
+
+
+def _train(data: Path, run: Path, steps: int, *extra: str, ranks: int = 1):
+    args = train_args(data, run, *CAP, *extra, steps=steps)
+    return ok(run_cli(torchrun(ranks) + args[1:] if ranks > 1 else args))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shakespeare_data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("whole")
+    one, two = base / "one", base / "two"
+    _train(shakespeare_data, one, 12)
+    _train(shakespeare_data, two, 12, ranks=2)
+    return {"one": one, "two": two}
+
+
+def _store(run: Path) -> RunStore:
+    return RunStore(str(run / "capture.zarr"))
+
+
+def _same_captures(a: RunStore, b: RunStore, steps, exact: bool = True) -> None:
+    for step in steps:
+        for hook in a.act_hooks:
+            x, y = a.activations(hook, int(step)), b.activations(hook, int(step))
+            if exact:
+                assert np.array_equal(x, y, equal_nan=True), (hook, step)
+            else:
+                np.testing.assert_allclose(x, y, atol=5e-3, rtol=5e-3, err_msg=f"{hook} {step}")
+        for hook in a.hooks:
+            sa, sb = a.stats_at(hook, int(step)), b.stats_at(hook, int(step))
+            for k in sa:
+                if exact:
+                    assert np.array_equal(sa[k], sb[k]), (hook, k, step)
+                else:
+                    np.testing.assert_allclose(sa[k], sb[k], atol=5e-3, rtol=5e-3)
+        np.testing.assert_allclose(a.token_loss(int(step)), b.token_loss(int(step)),
+                                   rtol=0 if exact else 1e-3, atol=0 if exact else 1e-3)
+
+
+def test_resume_with_more_steps_appends_to_the_same_store(shakespeare_data, uninterrupted,
+                                                          tmp_path):
+    run = tmp_path / "run"
+    _train(shakespeare_data, run, 5)
+    r = _train(shakespeare_data, run, 12, "--resume")
+    assert "resumed from step 5" in r.stdout
+    ref = uninterrupted["one"]
+    assert losses(run) == losses(ref)  # exactly
+    a, b = _store(run), _store(ref)
+    # the first run's final step (5) stays as an extra capture
+    assert list(a.steps()) == [0, 1, 2, 3, 5, 6, 9, 12]
+    assert list(b.steps()) == [0, 1, 2, 3, 6, 9, 12]
+    _same_captures(a, b, b.steps())
+    assert a.snapshot_steps() == [0, 1, 2, 3, 5, 6, 9, 12]
+    assert a.max_steps == 12 and list(a.metrics()["step"]) == list(range(1, 13))
+
+
+def test_resume_with_another_cadence(shakespeare_data, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    _train(shakespeare_data, run, 6)
+    r = _train(shakespeare_data, run, 12, "--resume", "--capture.every=4",
+               "--capture.full_every=4", "--capture.snapshot_every=0")
+    assert "resumed from step 6" in r.stdout
+    ref = uninterrupted["one"]
+    assert losses(run) == losses(ref)
+    a, b = _store(run), _store(ref)
+    assert list(a.steps()) == [0, 1, 2, 3, 6, 8, 12]  # every 3 up to 6, then every 4
+    shared = sorted(set(a.steps()) & set(b.steps()))
+    assert shared == [0, 1, 2, 3, 6, 12]
+    _same_captures(a, b, shared)
+    assert a.snapshot_steps() == [0, 1, 2, 3, 6]  # snapshots off after the resume
+
+
+def test_resume_on_another_world_size(shakespeare_data, uninterrupted, tmp_path):
+    """Two FSDP ranks to step 6, then one process to 12: the global batch is the same, so
+    the training is; the first leg's captures equal the uninterrupted 2-rank run's bit for
+    bit, the second leg's agree to float tolerance (one process sums in another order)."""
+    run = tmp_path / "run"
+    _train(shakespeare_data, run, 6, ranks=2)
+    r = _train(shakespeare_data, run, 12, "--resume")
+    assert "resumed from step 6" in r.stdout
+    ref = uninterrupted["two"]
+    got, want = losses(run), losses(ref)
+    assert got[:6] == want[:6]
+    assert got[6:] == pytest.approx(want[6:], rel=0, abs=2e-4)
+    a, b = _store(run), _store(ref)
+    assert list(a.steps()) == list(b.steps()) == [0, 1, 2, 3, 6, 9, 12]
+    assert a.world == 1
+    _same_captures(a, b, [0, 1, 2, 3, 6])
+    _same_captures(a, b, [9, 12], exact=False)
+
+
+def _torn_snapshot(store_dir: Path) -> int | None:
+    """A snapshot being written: a step folder with files (or a temporary file) but no
+    marker."""
+    root = store_dir / "snapshots"
+    if not root.is_dir():
+        return None
+    for d in root.iterdir():
+        if any(d.iterdir()) and not (d / "snapshot.json").exists():
+            return int(d.name)
+    return None
+
+
+def test_kill9_during_a_snapshot_hides_it_and_resume_rewrites_it(shakespeare_data, tmp_path):
+    # A wider model (its snapshot is about 30 MB) and a snapshot every step: the kill lands
+    # while one is being written.
+    wide = ["--model.n_embd=256", "--model.n_head=4", "--model.block_size=32",
+            "--capture.snapshot_every=1", "--capture.every=5", "--capture.full_every=0",
+            "--checkpoint.every=2"]
+    run = tmp_path / "run"
+    store_dir = run / "capture.zarr"
+    p = _popen(train_args(shakespeare_data, run, *wide, steps=10))
+    _wait_for(lambda: checkpoint.latest_step(run) is not None
+              and _torn_snapshot(store_dir) is not None, p, timeout=600)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.communicate()
+    torn = _torn_snapshot(store_dir)
+    assert torn is not None, "the kill did not land inside a snapshot"
+    from safetensors.numpy import load as st_load
+    rs = RunStore(str(store_dir))
+    visible = rs.snapshot_steps()
+    assert torn not in visible and visible == list(range(len(visible)))
+    for s in visible:  # every visible snapshot is whole
+        assert len(st_load(rs.snapshot_file(s))) > 0
+    last = checkpoint.latest_step(run)
+    r = ok(run_cli(train_args(shakespeare_data, run, *wide, "--resume", steps=10)))
+    assert f"resumed from step {last}" in r.stdout
+    rs = RunStore(str(store_dir))
+    assert rs.snapshot_steps() == list(range(11))
+    # the final snapshot is the final checkpoint's weights, in bf16
+    from safetensors.torch import load as torch_load
+    snap = torch_load(rs.snapshot_file(10))
+    model, _, _ = checkpoint.load_model(run, 10)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to wte.weight, stored once
+        assert torch.equal(snap[name], t.to(torch.bfloat16)), name
