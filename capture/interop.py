@@ -65,7 +65,8 @@ def activation_cache(store: RunStore | str, step: int, hooks: list[str] | None =
       TransformerLens's shapes, batch first: [P, T, D] for residual and MLP hooks
       (`blocks.1.hook_resid_post`, `blocks.1.mlp.hook_post`), [P, T, H, d_head] for
       `attn.hook_q|k|v|z` (stored with the heads flattened), [P, T, 1] for `hook_scale`, and
-      [A, H, T, T] (batch, head, query, key) for `attn.hook_pattern`. Attention is stored
+      [A, H, Ta, Ta] (batch, head, query, key) for `attn.hook_pattern`, Ta = the
+      store's `attn_len` (the first Ta positions; all T when it is T). Attention is stored
       only for the first A probe sequences (`RunStore.attn_seqs`), so a pattern's batch is
       A, not P: its row a is sequence a of the others. `cache.apply_slice_to_batch_dim(
       slice(0, A))` gives every entry batch A (it slices only the entries whose batch is
@@ -73,7 +74,7 @@ def activation_cache(store: RunStore | str, step: int, hooks: list[str] | None =
     - `tokens`: int64 [P, T], the token ids that capture ran on (the probe set, or the
       training micro-batch for source "train"); row p is batch row p of the cache.
 
-    `hooks`: exact names from `RunStore.hooks` or `pattern_hooks(store)`; an unknown one, or
+    `hooks`: exact names from `RunStore.act_hooks` or `pattern_hooks(store)`; an unknown one, or
     an uncaptured step, raises `StoreError`. The whole step is read into memory (4 bytes a
     value): name only the hooks you need for a large capture.
 
@@ -94,23 +95,23 @@ def activation_cache(store: RunStore | str, step: int, hooks: list[str] | None =
     from transformer_lens import ActivationCache
 
     rs = _open(store)
-    rs.slot(step)  # StoreError naming the nearest captured steps
+    rs.slot(step, "full")  # StoreError naming the nearest full captures
     patterns = pattern_hooks(rs)
     if hooks is None:
-        hooks = list(rs.hooks) + list(patterns)
-    unknown = [h for h in hooks if h not in rs.hooks and h not in patterns]
+        hooks = list(rs.act_hooks) + list(patterns)
+    unknown = [h for h in hooks if h not in rs.act_hooks and h not in patterns]
     if unknown:
-        raise StoreError(f"hook {unknown[0]!r} is not stored; stored hooks: "
-                         f"{', '.join([*rs.hooks, *patterns]) or '(none)'}")
-    P, T, A = rs.n_seqs, rs.seq_len, rs.attn_seqs
+        raise StoreError(f"hook {unknown[0]!r} has no stored activations; stored: "
+                         f"{', '.join([*rs.act_hooks, *patterns]) or '(none)'}")
+    P, A, Ta = rs.n_seqs, rs.attn_seqs, rs.attn_len
     cache: dict[str, torch.Tensor] = {}
     for hook in dict.fromkeys(hooks):
-        if hook in patterns:
-            out = torch.empty((A, rs.n_heads, T, T), dtype=torch.float32)
+        if hook in patterns:  # the first attn_len query and key positions
+            out = torch.empty((A, rs.n_heads, Ta, Ta), dtype=torch.float32)
             for a in range(A):
                 out[a] = torch.from_numpy(rs.attention(patterns[hook], step, seq=a))
         else:
-            out = torch.empty((P, T, rs.hooks[hook]), dtype=torch.float32)
+            out = torch.empty((P, rs.seq_len, rs.act_hooks[hook]), dtype=torch.float32)
             for p in range(P):  # one chunk at a time: no float16 copy of the whole step
                 out[p] = torch.from_numpy(rs.activations(hook, step, seq=p))
             out = _tl_shape(hook, out, rs.n_heads)
@@ -176,11 +177,11 @@ def write_saelens_dataset(store: RunStore | str, hook: str, step: int, out_dir: 
     from tqdm import tqdm
 
     rs = _open(store)
-    rs.slot(step)
-    if hook not in rs.hooks:
-        raise StoreError(f"hook {hook!r} is not stored; stored hooks: "
-                         f"{', '.join(rs.hooks) or '(none)'}")
-    P, T, D = rs.n_seqs, rs.seq_len, rs.hooks[hook]
+    rs.slot(step, "full")
+    if hook not in rs.act_hooks:
+        raise StoreError(f"hook {hook!r} has no stored activations; stored: "
+                         f"{', '.join(rs.act_hooks) or '(none)'}")
+    P, T, D = rs.n_seqs, rs.seq_len, rs.act_hooks[hook]
     row_bytes = T * D * 4
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,7 @@ def test_kill9_during_a_snapshot_hides_it_and_resume_rewrites_it(shakespeare_dat
     p.communicate()
     torn = _torn_snapshot(store_dir)
     assert torn is not None, "the kill did not land inside a snapshot"
-    from safetensors.numpy import load as st_load
+    from safetensors.torch import load as st_load  # bf16: numpy has no such dtype
     rs = RunStore(str(store_dir))
     visible = rs.snapshot_steps()
     assert torn not in visible and visible == list(range(len(visible)))
@@ -153,8 +153,7 @@ def test_kill9_during_a_snapshot_hides_it_and_resume_rewrites_it(shakespeare_dat
     rs = RunStore(str(store_dir))
     assert rs.snapshot_steps() == list(range(11))
     # the final snapshot is the final checkpoint's weights, in bf16
-    from safetensors.torch import load as torch_load
-    snap = torch_load(rs.snapshot_file(10))
+    snap = st_load(rs.snapshot_file(10))
     model, _, _ = checkpoint.load_model(run, 10)
     for name, t in model.state_dict().items():
         if name == "lm_head.weight":

@@ -53,13 +53,14 @@ def forward_cache(step: int) -> dict[str, torch.Tensor]:
 def build_store(url: str) -> None:
     """A store written the way the capturer writes one: each rank its sequences, float16
     activations with the heads of hook_z flattened, patterns of the first A sequences."""
-    layout = Layout(scheduled_steps=SCHEDULED, n_seqs=P, seq_len=T, act_hooks=HOOKS, topk=2,
+    layout = Layout(n_seqs=P, seq_len=T, act_hooks=HOOKS, topk=2,
                     attn_layers=ATTN_LAYERS, n_heads=H, attn_seqs=A, max_steps=10,
                     world=WORLD, source="probe", attrs={"model": {"n_layer": L}},
                     probe_tokens=tokens_of(0))
     w = StoreWriter.create_or_open(url, layout)
     per = P // WORLD
     for slot, step in enumerate(SCHEDULED):
+        w.reserve(slot)
         ref = forward_cache(step)
         for rank in range(WORLD):
             lo = rank * per
