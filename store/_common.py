@@ -110,8 +110,8 @@ def read_root(store: Store, url: str) -> dict:
                                  f"(git pull / pip install -U) to read it")
     if v < SCHEMA_VERSION:
         raise SchemaVersionError(f"store {url} has schema version {v}, older than this code "
-                                 f"reads (version {SCHEMA_VERSION}) and no converter exists; "
-                                 f"use the project version that wrote it")
+                                 f"reads (version {SCHEMA_VERSION}): convert it in place with "
+                                 f"`python -m store.upgrade {url}`")
     return attrs
 
 

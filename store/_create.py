@@ -87,10 +87,9 @@ def _diffs(old: Layout, new: Layout) -> list[str]:
     return diffs
 
 
-def reconcile(store: Store, url: str, attrs: dict, new: Layout) -> dict:
-    """A resumed run's layout against the store's. What a capture's arrays look like must
-    match (hooks, P, T, k, attention, dynamics, the probes), else one StoreError line;
-    when captures happen (the cadences, max_steps) and the world size may change."""
+def check_layout(store: Store, url: str, attrs: dict, new: Layout) -> Layout:
+    """Whether a run with layout `new` may append to this store (read-only): StoreError
+    (one line) when a capture's arrays would differ. Returns the store's layout."""
     old = layout_of(attrs, url)
     diffs = _diffs(old, new)
     if diffs:
@@ -108,6 +107,14 @@ def reconcile(store: Store, url: str, attrs: dict, new: Layout) -> dict:
         if not np.array_equal(stored, np.asarray(new.repeated_tokens)):
             raise StoreError(f"store {url} holds captures of another repeated-token probe: "
                              f"keep capture.repeat_seqs, repeat_half and probe_seed on resume")
+    return old
+
+
+def reconcile(store: Store, url: str, attrs: dict, new: Layout) -> dict:
+    """A resumed run's layout against the store's. What a capture's arrays look like must
+    match (hooks, P, T, k, attention, dynamics, the probes), else one StoreError line;
+    when captures happen (the cadences, max_steps) and the world size may change."""
+    old = check_layout(store, url, attrs, new)
     metrics = {k: list(v) for k, v in old.metrics.items()}
     for split, names in new.metrics.items():
         metrics.setdefault(split, [])

@@ -20,9 +20,9 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from ._chunks import ChunkCodec, make_sink
-from ._common import (as_array, layout_of, now_iso, open_array, open_store, read_root, syncfs,
-                      url_str)
-from ._create import capacity, create, done_slot, grow, list_keys, reconcile
+from ._common import (as_array, layout_of, local_path, now_iso, open_array, open_store,
+                      read_root, syncfs, url_str)
+from ._create import capacity, check_layout, create, done_slot, grow, list_keys, reconcile
 from .errors import StoreError, StoreNotFound
 from .schema import FULL, STATS, STATUSES, SUMMARY, TIERS, Layout
 from .snapshots import delete_snapshot_marker, snapshot_steps, write_snapshot
@@ -71,6 +71,25 @@ class StoreWriter:
         else:
             attrs = reconcile(store, u, attrs, layout)
         return cls(store, u, attrs, durable=durable, threads=threads)
+
+    @staticmethod
+    def check_compatible(url: str, layout: Layout, storage_options: dict | None = None
+                         ) -> bool:
+        """Before a run writes anything: whether it may append to the store at `url` (True:
+        a store is there; False: none yet). StoreError (one line) when its capture layout
+        differs. Reads only; every rank may call it."""
+        layout.validate()
+        u = url_str(url)
+        path = local_path(url)
+        if path is not None and not path.is_dir():
+            return False
+        store = open_store(url, storage_options, read_only=True)
+        try:
+            attrs = read_root(store, u)
+        except StoreNotFound:
+            return False
+        check_layout(store, u, attrs, layout)
+        return True
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, *, durable: bool = True,

@@ -4,6 +4,7 @@ for `--plan`. Capture itself (package `capture`) knows nothing of the trainer.""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from capture import dynamics
 from capture.capturer import Capturer, NoCapture, describe
 from capture.plan import Plan, check_budget, format_plan, make_plan
 from capture.spec import CaptureSpec, build_layout, resolve
+from store.schema import Layout
+from store.writer import StoreWriter
 from trainer import dist as tdist
 from trainer.config import RunConfig
 from trainer.data import TokenWindows, load_manifest
@@ -62,11 +65,26 @@ def probe_tokens(cfg: RunConfig, T: int) -> torch.Tensor:
     return x
 
 
-def make_capturer(cfg: RunConfig, info: tdist.DistInfo, spec: CaptureSpec | None,
-                  resume_step: int):
+@dataclass
+class Prepared:
+    """A run's capture, ready to attach: checked against the model, the budget and the
+    store it will append to, before the run writes anything."""
+
+    spec: CaptureSpec
+    plan: Plan
+    layout: Layout
+    url: str
+    probe: torch.Tensor | None
+    repeated: torch.Tensor | None
+
+
+def prepare(cfg: RunConfig, world: int) -> Prepared | None:
+    """Every rank: the settings, the plan against capture.budget, and whether an existing
+    store at the capture URL can take this run's captures (one-line errors). Reads only."""
     c = cfg.capture
-    if not c.enabled or spec is None:
-        return NoCapture()
+    if not c.enabled:
+        return None
+    spec, plan = check(cfg, world)
     probe = probe_tokens(cfg, spec.seq_len) if c.source == "probe" else None
     repeated = None
     if spec.repeat_half:
@@ -77,15 +95,24 @@ def make_capturer(cfg: RunConfig, info: tdist.DistInfo, spec: CaptureSpec | None
         repeated = dynamics.repeated_tokens(c.repeat_seqs, spec.repeat_half, vocab,
                                             seed=c.probe_seed + 1)
     run = cfg.to_dict()
-    layout = build_layout(spec, c, info.world, cfg.train.max_steps,
+    layout = build_layout(spec, c, world, cfg.train.max_steps,
                           {"model": run["model"], "run": run},
                           None if probe is None else probe.numpy().astype(np.int32),
                           None if repeated is None else repeated.numpy().astype(np.int32))
     url = store_url(cfg)
+    StoreWriter.check_compatible(url, layout)
+    return Prepared(spec, plan, layout, url, probe, repeated)
+
+
+def make_capturer(cfg: RunConfig, info: tdist.DistInfo, prep: Prepared | None,
+                  resume_step: int):
+    if prep is None:
+        return NoCapture()
     if info.is_main:
-        print(describe(layout, url, c), flush=True)
-    return Capturer(c, spec, layout, info, url, cfg.train.max_steps, resume_step,
-                    run["model"], probe, repeated, compiled=cfg.parallel.compile)
+        print(describe(prep.layout, prep.url, cfg.capture), flush=True)
+    return Capturer(cfg.capture, prep.spec, prep.layout, info, prep.url, cfg.train.max_steps,
+                    resume_step, cfg.to_dict()["model"], prep.probe, prep.repeated,
+                    compiled=cfg.parallel.compile)
 
 
 def live_batch(loader, accum: int) -> torch.Tensor:

@@ -266,9 +266,8 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
                                                      cfg.eval.hellaswag_examples)
     enc = _tokenizer(cfg, manifest, is_main)
     check_parallel(cfg.parallel, info)
-    spec = plan = None
-    if cfg.capture.enabled:
-        spec, plan = capture_setup.check(cfg, info.world)  # settings and budget
+    # the capture's settings, its plan against the budget, the store it appends to
+    prep = capture_setup.prepare(cfg, info.world)
     tdist.barrier(info)
     if is_main:
         write_config(cfg)
@@ -292,9 +291,9 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
             print(f"--resume: no checkpoint in {cfg.run_dir} yet; starting at step 0")
     if is_main:
         _print_plan(cfg, info, accum)
-        if plan is not None:
-            print(capture_setup.format_plan(plan), flush=True)
-    capturer = capture_setup.make_capturer(cfg, info, spec, resume_step=start_from)
+        if prep is not None:
+            print(capture_setup.format_plan(prep.plan), flush=True)
+    capturer = capture_setup.make_capturer(cfg, info, prep, resume_step=start_from)
     return Run(cfg, info, model, optimizer, loader, accum, capturer, enc, hellaswag_examples,
                step)
 

@@ -159,3 +159,20 @@ def test_kill9_during_a_snapshot_hides_it_and_resume_rewrites_it(shakespeare_dat
         if name == "lm_head.weight":
             continue  # tied to wte.weight, stored once
         assert torch.equal(snap[name], t.to(torch.bfloat16)), name
+
+
+def test_an_incompatible_resume_is_refused_in_one_line_before_writing(shakespeare_data,
+                                                                      tmp_path):
+    run = tmp_path / "run"
+    _train(shakespeare_data, run, 3)
+    config = (run / "config.toml").read_text()
+    for extra, words in ((["--capture.hooks=blocks.0.hook_resid_post"], "act_hooks"),
+                         (["--capture.probe_seed=7"], "another probe set"),
+                         (["--capture.attn_len=8"], "attn_len")):
+        r = run_cli(train_args(shakespeare_data, run, *CAP, *extra, "--resume", steps=6))
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: store ") and words in lines[0], \
+            r.stderr
+        assert (run / "config.toml").read_text() == config  # nothing written
+    assert list(_store(run).steps()) == [0, 1, 2, 3]

@@ -11,6 +11,7 @@ import test_store_util as u
 from store.dynamics import neuron_events, phase_change
 from store.errors import StoreError
 from store.reader import RunStore
+from store.schema import FULL, SUMMARY
 from store.writer import StoreWriter
 
 L, H, M, K = 3, u.H, 200, 4
@@ -27,24 +28,29 @@ def effects(step: int, layer: int):
     return tok.astype(np.int32), val, (tok + 1).astype(np.int32), -val
 
 
-def write_capture(w: StoreWriter, slot: int, step: int, commit: bool = True) -> None:
+def write_capture(w: StoreWriter, slot: int, step: int, commit: bool = True,
+                  full: bool = True) -> None:
+    """One capture by rank 0's writer playing both ranks; the logit effects are full-tier."""
+    w.reserve(slot)
     for rank in range(2):
-        u.write_part(w, slot, step, rank, 2)
+        u.write_part(w, slot, step, rank, 2, full=full)
     w.write_head_scores(slot, scores(step))
     w.write_lens(slot, np.array([3.0, 2.0, 1.0], np.float32) + step)
-    for layer in u.DYNAMICS["dla_layers"]:
-        w.write_dla(layer, slot, *effects(step, layer))
+    if full:
+        for layer in u.DYNAMICS["dla_layers"]:
+            w.write_dla(layer, slot, *effects(step, layer))
     if commit:
-        w.commit(slot, step)
+        w.commit(slot, step, SUMMARY | FULL if full else SUMMARY)
 
 
 def test_dynamics_round_trip_and_only_committed_captures_show(tmp_path):
     url = str(tmp_path / "s.zarr")
-    w = StoreWriter.create_or_open(url, u.layout([0, 5, 10], **u.DYNAMICS))
+    w = StoreWriter.create_or_open(url, u.layout(**u.DYNAMICS))
     write_capture(w, 0, 0)
     write_capture(w, 1, 5)
     write_capture(w, 2, 10, commit=False)  # written, not committed: invisible
     rs = RunStore(url)
+    assert rs.steps().tolist() == [0, 5]
     assert rs.head_score_names == u.DYNAMICS["head_scores"] and rs.has_lens
     assert (rs.dla_layers, rs.d_mlp, rs.dla_k) == ([0, 2], M, K)
     np.testing.assert_array_equal(rs.repeated_tokens(), u.DYNAMICS["repeated_tokens"])
@@ -66,15 +72,22 @@ def test_dynamics_round_trip_and_only_committed_captures_show(tmp_path):
         rs.neuron_logits(1, 5, 0)
     with pytest.raises(StoreError, match="out of range"):
         rs.neuron_logits(0, 5, M)
+    # a summary-only capture: head scores and lens at every capture, logit effects not
+    write_capture(w, 3, 7, full=False)
+    steps, s = rs.head_scores("induction")
+    assert steps.tolist() == [0, 5, 7]
+    np.testing.assert_array_equal(s[2], scores(7)["induction"])
+    np.testing.assert_array_equal(rs.logit_lens()[1][2], [10, 9, 8])
+    with pytest.raises(StoreError) as e:
+        rs.neuron_logits(2, 7, 17)
+    assert str(e.value) == ("step 7 has a summary capture only; its activations and attention "
+                            "are kept at full captures: nearest before 5")
 
 
 def test_a_store_without_dynamics_says_so(tmp_path):
     url = str(tmp_path / "s.zarr")
-    w = StoreWriter.create_or_open(url, u.layout([0, 5]))
-    write_part = u.write_part
-    for rank in range(2):
-        write_part(w, 0, 0, rank, 2)
-    w.commit(0, 0)
+    w = StoreWriter.create_or_open(url, u.layout())
+    u.append([w, w], 0, 0)
     rs = RunStore(url)
     assert rs.head_score_names == [] and not rs.has_lens and rs.repeated_tokens() is None
     with pytest.raises(StoreError, match="not stored"):
@@ -89,13 +102,19 @@ def test_a_store_without_dynamics_says_so(tmp_path):
 
 def test_resume_must_keep_the_dynamics_settings(tmp_path):
     url = str(tmp_path / "s.zarr")
-    StoreWriter.create_or_open(url, u.layout([0, 5], **u.DYNAMICS))
+    w = StoreWriter.create_or_open(url, u.layout(**u.DYNAMICS))
+    write_capture(w, 0, 0)
     with pytest.raises(StoreError, match="head_scores"):
-        StoreWriter.create_or_open(url, u.layout([0, 5]))
+        StoreWriter.create_or_open(url, u.layout())
+    with pytest.raises(StoreError, match="dla_k 4 -> 5"):
+        StoreWriter.create_or_open(url, u.layout(**dict(u.DYNAMICS, dla_k=5)))
     other = dict(u.DYNAMICS, repeated_tokens=u.DYNAMICS["repeated_tokens"] + 1)
     with pytest.raises(StoreError, match="repeated-token probe"):
-        StoreWriter.create_or_open(url, u.layout([0, 5], **other))
-    StoreWriter.create_or_open(url, u.layout([0, 5, 10], **u.DYNAMICS))  # same: extends
+        StoreWriter.create_or_open(url, u.layout(**other))
+    w = StoreWriter.create_or_open(url, u.layout(**u.DYNAMICS))  # the same: it appends
+    assert w.rollback_after(0) == [] and w.next_slot() == 1
+    write_capture(w, 1, 9)
+    assert RunStore(url).head_scores("entropy")[0].tolist() == [0, 9]
 
 
 def test_bad_dynamics_layouts_are_refused():
@@ -134,16 +153,16 @@ def test_neuron_births_and_deaths_with_hysteresis():
 
 def test_neuron_events_from_a_store(tmp_path):
     url = str(tmp_path / "s.zarr")
-    w = StoreWriter.create_or_open(url, u.layout([0, 5, 10]))
+    w = StoreWriter.create_or_open(url, u.layout())
     hook = "blocks.1.mlp.hook_post"
     for slot, (step, frac) in enumerate(((0, 0.5), (5, 0.001), (10, 0.5))):
         for rank in range(2):
-            u.write_part(w, slot, step, rank, 2)
+            u.write_part(w, slot, step, rank, 2, full=step != 5)
         s = u.stats(step, hook)
         s["frac_active"] = np.full(200, 0.5, np.float32)
         s["frac_active"][7] = frac  # neuron 7 dies at 5 and is born again at 10
         w.write_stats(hook, slot, s)
-        w.commit(slot, step)
+        w.commit(slot, step, SUMMARY if step == 5 else SUMMARY | FULL)
     ev = RunStore(url).neuron_events(hook)
     assert ev.events == [(5, 7, "death"), (10, 7, "birth")]
 

@@ -1,5 +1,5 @@
-"""A store that is missing, newer than this code, or corrupt, and questions it cannot
-answer: each gives the right StoreError in one line."""
+"""A store that is missing, newer or older than this code, or corrupt, bad writes, and
+questions it cannot answer: each gives the right StoreError in one line."""
 
 from __future__ import annotations
 
@@ -24,12 +24,10 @@ def one_line(excinfo) -> str:
 @pytest.fixture
 def store(tmp_path):
     url = str(tmp_path / "capture.zarr")
-    w0 = StoreWriter.create_or_open(url, u.layout([0, 5, 10]))
+    w0 = StoreWriter.create_or_open(url, u.layout())
     w1 = StoreWriter.open(url)
-    for slot, step in ((0, 0), (2, 10)):
-        for rank, w in enumerate((w0, w1)):
-            u.write_part(w, slot, step, rank, 2)
-        w0.commit(slot, step)
+    u.append([w0, w1], 0, 0)
+    u.append([w0, w1], 2, 10)  # slot 1 never committed: a hole readers skip
     return url
 
 
@@ -54,15 +52,26 @@ def _edit_root(url: str, fn) -> None:
 
 
 def test_newer_schema_is_refused_with_upgrade_advice(store):
-    _edit_root(store, lambda m: m["attributes"].update(schema_version=2))
+    _edit_root(store, lambda m: m["attributes"].update(schema_version=3))
     for open_ in (RunStore, StoreWriter.open):
         with pytest.raises(SchemaVersionError) as e:
             open_(store)
         msg = one_line(e)
-        assert "schema version 2, newer than this code reads (version 1)" in msg
-        assert "upgrade" in msg
+        assert "schema version 3, newer than this code reads (version 2)" in msg
+        assert "upgrade this project" in msg
     with pytest.raises(SchemaVersionError):
-        StoreWriter.create_or_open(store, u.layout([0, 5, 10]))
+        StoreWriter.create_or_open(store, u.layout())
+
+
+def test_older_schema_is_refused_naming_the_converter(store):
+    _edit_root(store, lambda m: m["attributes"].update(schema_version=1))
+    for open_ in (RunStore, StoreWriter.open,
+                  lambda url: StoreWriter.create_or_open(url, u.layout())):
+        with pytest.raises(SchemaVersionError) as e:
+            open_(store)
+        assert one_line(e) == (f"store {store} has schema version 1, older than this code "
+                               f"reads (version 2): convert it in place with `python -m "
+                               f"store.upgrade {store}`")
 
 
 def test_corrupt_root_metadata(store, tmp_path):
@@ -73,7 +82,7 @@ def test_corrupt_root_metadata(store, tmp_path):
         RunStore(store)
     one_line(e)
     with pytest.raises(CorruptStore):  # the writer does not overwrite a broken store either
-        StoreWriter.create_or_open(store, u.layout([0, 5, 10]))
+        StoreWriter.create_or_open(store, u.layout())
     open(root, "wb").write(original)
     _edit_root(store, lambda m: m["attributes"]["layout"].pop("n_seqs"))
     with pytest.raises(CorruptStore, match="layout attribute cannot be read") as e:
@@ -98,6 +107,10 @@ def test_questions_the_store_cannot_answer(store):
     assert rs.nearest_steps(11) == (10, None) and rs.nearest_steps(-1) == (None, 0)
     with pytest.raises(StoreError) as e:
         rs.activations("blocks.9.hook_nope", 0)
+    assert one_line(e) == ("hook 'blocks.9.hook_nope' has no stored activations; stored: "
+                           "blocks.0.hook_resid_post, blocks.1.mlp.hook_post")
+    with pytest.raises(StoreError) as e:
+        rs.stat("blocks.9.hook_nope", "mean")
     assert "stored hooks: blocks.0.hook_resid_post, blocks.1.mlp.hook_post" in one_line(e)
     with pytest.raises(StoreError, match="unknown statistic 'median'"):
         rs.stat("blocks.0.hook_resid_post", "median")
@@ -118,7 +131,7 @@ def test_questions_the_store_cannot_answer(store):
     assert rs.act_chunks("blocks.0.hook_resid_post") == (1, 1, u.T, 16)
     arrays = {a["path"]: a for a in rs.arrays()}
     acts = arrays["acts/blocks.1.mlp.hook_post"]
-    assert acts["shape"] == (3, 4, 8, 200) and acts["dtype"] == "float16"
+    assert acts["shape"] == (1024, 4, 8, 200) and acts["dtype"] == "float16"
     assert acts["bytes_stored"] >= 2 * 4 * 8 * 200 * 2 and acts["codecs"] == ["bytes"]
     assert acts["axes"][0].startswith("capture: ")
 
@@ -131,8 +144,18 @@ def test_writer_rejects_bad_writes(store):
         w.write_acts("blocks.0.hook_resid_post", 1, 3, np.zeros((2, 8, 16), np.float16))
     with pytest.raises(StoreError, match="expected exactly mean, std"):
         w.write_stats("blocks.0.hook_resid_post", 1, {"mean": np.zeros(16)})
-    with pytest.raises(StoreError, match="metric steps must be in 1..20"):
+    with pytest.raises(StoreError, match="metric steps must be >= 1, got 0"):
         w.write_metrics("train", np.array([0, 1]), {"loss": np.zeros(2)})
+    with pytest.raises(StoreError, match="slot 1024 is out of range: the store has 1024 "
+                                         "capture slots"):
+        w.write_acts("blocks.0.hook_resid_post", 1024, 0, np.zeros((2, 8, 16), np.float16))
+    with pytest.raises(StoreError, match="step must be >= 0"):
+        w.commit(0, -1)
+    for bad in (0, 2, 4 | 1):
+        with pytest.raises(StoreError, match="tiers must be SUMMARY or SUMMARY | FULL"):
+            w.commit(0, 0, bad)
+    with pytest.raises(StoreError, match="keeps no per-token loss"):
+        w.write_token_loss(0, np.zeros((4, 8)), 0.0)
     with pytest.raises(StoreError, match="metric train/acc is not in this store"):
         w.write_metrics("train", np.array([1]), {"acc": np.zeros(1)})
     with pytest.raises(StoreError, match="status must be one of"):

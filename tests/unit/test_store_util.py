@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from store.schema import STATS, Layout  # noqa: E402
+from store.schema import FULL, STATS, SUMMARY, Layout  # noqa: E402
 
 P, T, H, K = 4, 8, 2, 3
 HOOKS = {"blocks.0.hook_resid_post": 16, "blocks.1.mlp.hook_post": 200}
@@ -26,9 +26,9 @@ ATTN = [0, 2]
 A = 2
 
 
-def layout(steps=(0, 5, 10, 15), world: int = 2, source: str = "probe", max_steps: int = 20,
+def layout(world: int = 2, source: str = "probe", max_steps: int = 20,
            hooks: dict | None = None, **kw) -> Layout:
-    return Layout(scheduled_steps=list(steps), n_seqs=P, seq_len=T,
+    return Layout(n_seqs=P, seq_len=T,
                   act_hooks=dict(hooks or HOOKS), topk=K, attn_layers=list(ATTN), n_heads=H,
                   attn_seqs=A, max_steps=max_steps, world=world, source=source,
                   attrs={"model": {"n_layer": 3, "n_embd": 16}, "run": {"seed": 1}},
@@ -74,10 +74,22 @@ def topk(step: int, hook: str) -> tuple[np.ndarray, np.ndarray]:
     return v, i
 
 
-def attn(step: int, layer: int, seq: int) -> np.ndarray:
+def attn(step: int, layer: int, seq: int, ta: int = T) -> np.ndarray:
+    """The pattern [H, ta, ta]: the first ta query and key positions of the whole one."""
     v = (step + layer * 3 + seq + np.arange(H)[:, None, None] + np.arange(T)[None, :, None]
          + np.zeros((1, 1, T))) % 11
-    return (np.tril(v) / 16).astype(np.float16)
+    return (np.tril(v) / 16).astype(np.float16)[:, :ta, :ta]
+
+
+def token_loss(step: int) -> np.ndarray:
+    """[P, T] float32, NaN at position 0 as the capture writes it."""
+    v = (step % 7 + np.arange(P)[:, None] + np.arange(T)[None, :] / 4).astype(np.float32)
+    v[:, 0] = np.nan
+    return v
+
+
+def icl(step: int) -> float:
+    return float(np.float32(-0.125 * step))
 
 
 def loss(step: int) -> float:
@@ -87,39 +99,62 @@ def loss(step: int) -> float:
 # ----------------------------------------------------------------------------- writing
 
 def write_part(w, slot: int, step: int, rank: int, world: int, *, done: bool = True,
-               pause: float = 0.0) -> None:
-    """One rank's part of capture `slot`, as the capture writer does it."""
+               pause: float = 0.0, full: bool = True) -> None:
+    """One rank's part of capture `slot`, as the capture writer does it: the summary tier,
+    and with `full` the activations and attention too. The slot must be reserved."""
     n = P // world
     seqs = range(rank * n, (rank + 1) * n)
+    lay = w.layout
     w.write_tokens(slot, seqs.start, tokens(step, seqs))
-    for hook in HOOKS:
-        w.write_acts(hook, slot, seqs.start, acts(step, hook, seqs))
-        if pause:
-            time.sleep(pause)
-    for layer in ATTN:
-        for s in seqs:
-            if s < A:
-                w.write_attn(layer, slot, s, attn(step, layer, s))
+    if full:
+        for hook in lay.act_hooks:
+            w.write_acts(hook, slot, seqs.start, acts(step, hook, seqs))
+            if pause:
+                time.sleep(pause)
+        for layer in lay.stored_attn_layers:
+            for s in seqs:
+                if s < lay.attn_seqs:
+                    w.write_attn(layer, slot, s, attn(step, layer, s, lay.attn_len))
     if rank == 0:
-        for hook in HOOKS:
+        for hook in lay.stat_hooks:
             w.write_stats(hook, slot, stats(step, hook))
             w.write_topk(hook, slot, *topk(step, hook))
+        if lay.token_loss:
+            w.write_token_loss(slot, token_loss(step), icl(step))
     if done:
         w.mark_done(slot, rank)
 
 
-def rank_worker(url: str, rank: int, world: int, steps: list[int], ready: str) -> None:
-    """A rank process: wait for the store, write its half of every capture, mark it done;
-    rank 0 also commits each capture once every rank marked it."""
+def append(ws: list, slot: int, step: int, *, full: bool = True) -> None:
+    """One whole capture by the writers `ws` (rank r = ws[r]): reserve, write, commit."""
+    ws[0].reserve(slot)
+    for r, w in enumerate(ws):
+        write_part(w, slot, step, r, len(ws), full=full)
+    ws[0].commit(slot, step, SUMMARY | FULL if full else SUMMARY)
+
+
+def rank_worker(url: str, rank: int, world: int, captures: list, ready: str) -> None:
+    """A rank process: wait for the store, write its part of every (slot, step) capture and
+    mark it done; rank 0 reserves each slot first and says so with the file READY.<slot>
+    (the trainer's collective after reserve), the other ranks wait for it; rank 0 commits
+    each capture once every rank marked it."""
     from store.writer import StoreWriter
 
-    t0 = time.monotonic()
-    while not Path(ready).exists():  # rank 0's create_or_open finished
-        if time.monotonic() - t0 > 30:
-            raise TimeoutError("store never created")
-        time.sleep(0.01)
-    w = StoreWriter.open(url)
-    for slot, step in enumerate(steps):
+    def wait(path: str) -> None:
+        t0 = time.monotonic()
+        while not Path(path).exists():
+            if time.monotonic() - t0 > 30:
+                raise TimeoutError(f"{path} never appeared")
+            time.sleep(0.005)
+
+    wait(ready)  # rank 0's create_or_open finished
+    w = StoreWriter.open(url, durable=False)
+    for slot, step in captures:
+        if rank == 0:
+            w.reserve(slot)
+            Path(f"{ready}.{slot}").touch()
+        else:
+            wait(f"{ready}.{slot}")
         write_part(w, slot, step, rank, world)
         if rank == 0:
             while not w.all_done(slot):
@@ -136,11 +171,12 @@ def run_py(code: str, **popen) -> subprocess.Popen:
                             **popen)
 
 
-def check_capture(rs, step: int) -> None:
-    """Everything RunStore returns for a committed `step` equals what was written."""
-    for hook, D in HOOKS.items():
-        np.testing.assert_array_equal(rs.activations(hook, step), acts(step, hook, range(P)))
-        np.testing.assert_array_equal(rs.activations(hook, step, 1), acts(step, hook, [1])[0])
+def check_capture(rs, step: int, full: bool = True) -> None:
+    """Everything RunStore returns for a committed `step` equals what was written; a
+    summary-only capture (full=False) has no activations or attention to read."""
+    from store.errors import StoreError
+
+    for hook in rs.stat_hooks:
         at = rs.stats_at(hook, step)
         for st, v in stats(step, hook).items():
             np.testing.assert_array_equal(at[st], v)
@@ -149,11 +185,25 @@ def check_capture(rs, step: int) -> None:
         np.testing.assert_array_equal(val, v[3])
         np.testing.assert_array_equal(seq * T + pos, i[3])
     np.testing.assert_array_equal(rs.tokens(step), tokens(step, range(P)))
-    for layer in ATTN:
-        for s in range(A):
-            np.testing.assert_array_equal(rs.attention(layer, step, s), attn(step, layer, s))
-            np.testing.assert_array_equal(rs.attention(layer, step, s, head=1),
-                                          attn(step, layer, s)[1])
+    if rs.has_token_loss:
+        np.testing.assert_array_equal(rs.token_loss(step), token_loss(step))
+    for hook in rs.act_hooks:
+        if not full:
+            try:
+                rs.activations(hook, step)
+            except StoreError as e:
+                assert "summary capture only" in str(e), e
+                continue
+            raise AssertionError(f"step {step} is summary-only, yet has activations")
+        np.testing.assert_array_equal(rs.activations(hook, step), acts(step, hook, range(P)))
+        np.testing.assert_array_equal(rs.activations(hook, step, 1), acts(step, hook, [1])[0])
+    if not full:
+        return
+    for layer in rs.attn_layers:
+        for s in range(rs.attn_seqs):
+            want = attn(step, layer, s, rs.attn_len)
+            np.testing.assert_array_equal(rs.attention(layer, step, s), want)
+            np.testing.assert_array_equal(rs.attention(layer, step, s, head=1), want[1])
 
 
 def dump(obj) -> str:
