@@ -6,8 +6,10 @@
 Both stores are built through StoreWriter at GPT-2 124M shapes: 12 hooks
 blocks.{l}.hook_resid_post 768 wide, one MLP hook blocks.6.mlp.hook_post 3072 wide,
 statistics and top-16 for each, attention of 12 heads at 3 layers for the first 4
-sequences; P=8 sequences of T=128 tokens per capture (small T keeps the build to minutes:
-no query here reads the activations). Every capture is committed.
+sequences; P=8 sequences of T=128 tokens per capture (small T keeps the build to minutes).
+Schema 2: rank 0 reserves each slot before the two ranks write it, and every capture is
+committed as a full one (SUMMARY | FULL: the queries below read activations and attention,
+which only full captures keep).
 
 Then, through RunStore on a store wrapper that counts the bytes and the chunk/metadata reads
 it serves, each query is timed (median of --reps):
@@ -41,7 +43,7 @@ from zarr.core.buffer import Buffer, BufferPrototype  # noqa: E402
 from zarr.storage import LocalStore, WrapperStore  # noqa: E402
 
 from store.reader import RunStore  # noqa: E402
-from store.schema import STATS, Layout  # noqa: E402
+from store.schema import FULL, STATS, SUMMARY, Layout  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
 
 HOOKS = {**{f"blocks.{i}.hook_resid_post": 768 for i in range(12)},
@@ -78,7 +80,7 @@ class CountingStore(WrapperStore[LocalStore]):
 
 def build(url: Path, n: int, P: int, T: int) -> tuple[float, dict]:
     steps = [(i + 1) * 50 for i in range(n)]
-    lay = Layout(scheduled_steps=steps, n_seqs=P, seq_len=T, act_hooks=HOOKS, topk=K,
+    lay = Layout(n_seqs=P, seq_len=T, act_hooks=HOOKS, topk=K,
                  attn_layers=ATTN_LAYERS, n_heads=H, attn_seqs=A, max_steps=steps[-1],
                  world=2, source="train", attrs={"bench": True})
     rng = np.random.default_rng(0)
@@ -89,6 +91,7 @@ def build(url: Path, n: int, P: int, T: int) -> tuple[float, dict]:
     w0 = StoreWriter.create_or_open(str(url), lay, durable=False)
     w1 = StoreWriter.open(str(url), durable=False)
     for slot, step in enumerate(steps):
+        w0.reserve(slot)  # rank 0 grows the capture axis before any rank writes the slot
         for rank, w in enumerate((w0, w1)):
             start = rank * P // 2
             w.write_tokens(slot, start, np.full((P // 2, T), step, np.int32))
@@ -103,7 +106,7 @@ def build(url: Path, n: int, P: int, T: int) -> tuple[float, dict]:
             w0.write_stats(hook, slot, {st: base + i for i, st in enumerate(STATS)})
             w0.write_topk(hook, slot, np.tile(base[:, None], (1, K)),
                           np.tile(np.arange(K, dtype=np.int32), (D, 1)))
-        w0.commit(slot, step)
+        w0.commit(slot, step, SUMMARY | FULL)
     w0.close()
     w1.close()
     return time.perf_counter() - t0, noise
@@ -114,6 +117,7 @@ def measure(url: Path, reps: int, noise: dict) -> dict[str, tuple[float, int, in
     rs = RunStore(cs)
     steps = rs.steps()
     mid = int(steps[len(steps) // 2])
+    assert rs.steps("full").tolist() == steps.tolist()
     queries = {
         "neuron over all captures": lambda: rs.stat(MLP, "mean", neuron=2000),
         "neuron at one step": lambda: (rs.stats_at(MLP, mid, neuron=2000),
@@ -174,7 +178,7 @@ What the figures mean:
 - Every query first reads captures/step (which captures are committed): one chunk of 1024
   slots plus its metadata, a few hundred bytes compressed, at either size.
 - attention pattern, activations of a sequence, neuron at one step: one chunk per array
-  asked (the [H, T, T] pattern of that sequence; the [T, D] sequence; the 32 x 128 block of
+  asked (the [H, Ta, Ta] pattern of that sequence; the [T, D] sequence; the 32 x 128 block of
   each statistic holding that neuron and the 128 x k top-k block): flat in C. Reads are
   the same count at both sizes; bytes are bounded by those chunks' size. A store of fewer
   than 32 captures reads less at one step only because its one statistics chunk is partly

@@ -16,7 +16,9 @@ Each round writes every variant once, in a rotating order, after `sync` (untimed
 variant pays for another's dirty pages; fresh files and stores every round. We report each
 variant's median MB/s over the rounds and the ratio of medians to tofile/call. A second
 part times the durability barrier (mark_done: syncfs) for one capture against os.fsync of
-the tofile files. No assertions: the figures are printed.
+the tofile files, and rank 0's commit of that capture (schema 2: captures/tier, then
+captures/step, each behind a syncfs). Stores are schema 2: rank 0 reserves each slot
+before it is written. No assertions: the figures are printed.
 """
 
 from __future__ import annotations
@@ -36,16 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zarr  # noqa: E402
 
-from store.schema import Layout  # noqa: E402
+from store.schema import FULL, SUMMARY, Layout  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
 
 P, T, WORLD = 16, 256, 2
 
 
 def layout(captures: int, hooks: dict[str, int]) -> Layout:
-    return Layout(scheduled_steps=list(range(captures)), n_seqs=P, seq_len=T, act_hooks=hooks,
-                  topk=8, attn_layers=[], n_heads=12, attn_seqs=0, max_steps=10, world=WORLD,
-                  source="train", attrs={})
+    return Layout(n_seqs=P, seq_len=T, act_hooks=hooks, topk=8, attn_layers=[], n_heads=12,
+                  attn_seqs=0, max_steps=10, world=WORLD, source="train", attrs={})
 
 
 def calls(captures: int, hooks: dict[str, int], data: dict[int, np.ndarray]):
@@ -74,7 +75,12 @@ def run_tofile_chunk(d: Path, captures, hooks, data) -> int:
 
 
 def make_writer(d: Path, captures, hooks, threads: int) -> StoreWriter:
-    return StoreWriter.create_or_open(str(d / "s.zarr"), layout(captures, hooks), threads=threads)
+    """A new store with its `captures` slots reserved (rank 0's part, untimed: a metadata
+    write once every SLOT_BLOCK captures)."""
+    w = StoreWriter.create_or_open(str(d / "s.zarr"), layout(captures, hooks), threads=threads)
+    for slot in range(captures):
+        w.reserve(slot)
+    return w
 
 
 def run_writer(w: StoreWriter, captures, hooks, data) -> int:
@@ -182,6 +188,9 @@ def main() -> None:
         for rank in range(WORLD):
             w.mark_done(0, rank)
         t_done = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        w.commit(0, 0, SUMMARY | FULL)
+        t_commit = time.perf_counter() - t0
         w.close()
         files = []
         for i, (_, _, _, a) in enumerate(calls(1, hooks, data)):
@@ -195,7 +204,8 @@ def main() -> None:
         t_fsync = time.perf_counter() - t0
         print(f"durability of one capture ({per_round / args.captures / 1e6:.0f} MB): "
               f"mark_done x{WORLD} (syncfs) {t_done * 1e3:.0f} ms; fsync of the tofile files "
-              f"{t_fsync * 1e3:.0f} ms (in the capture's background thread, not training's)")
+              f"{t_fsync * 1e3:.0f} ms (in the capture's background thread, not training's); "
+              f"commit (captures/tier + captures/step, 2 syncfs) {t_commit * 1e3:.0f} ms")
     finally:
         shutil.rmtree(top, ignore_errors=True)
 

@@ -5,6 +5,9 @@ Without arguments it lists the runs under `runs/` (or DASHBOARD_RUNS_ROOT); `--r
 (sidebar, or `?page=neurons` in the URL; `?page=attention&layer=1&head=0&step=40` and
 `?page=neurons&hook=...&neuron=7&step=40` open them at a head or neuron). It reads the
 run's capture store lazily through `store.reader.RunStore`, also while the run trains.
+Every capture holds the summary tier (statistics, top-k, head scores, the logit lens, the
+probe loss); only full captures hold activations, attention patterns and neuron logit
+effects, so the parts that show those offer full steps only.
 Imports store, streamlit, plotly, numpy, pandas and tiktoken only: never torch, so it
 starts fast.
 """
@@ -35,6 +38,14 @@ LIVE_EVERY_S = 2.0
 SIZES_AUTO_MAX = 200  # committed captures up to which the Store page measures bytes on disk
 EMPTY = ("No captures are committed in this store yet: the run is still starting. "
          "This page shows them as soon as the first capture is written.")
+
+
+def no_full(rs, what: str) -> str:
+    """The sentence for a page part that needs a full capture when the store has none."""
+    n = len(rs.steps())
+    return (f"No full capture is committed yet: {what} are kept at full captures only "
+            f"(capture.full_every); this store has {n} summary capture{'' if n == 1 else 's'} "
+            f"so far. This shows them as soon as the first full capture is written.")
 
 
 def fig_layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
@@ -78,18 +89,22 @@ def pick_page() -> str:
     return page
 
 
-def step_slider(steps: np.ndarray, key: str) -> int:
+def step_slider(steps: np.ndarray, key: str, what: str = "captured") -> int:
+    """A slider over `steps` (all captured steps, or only the full ones: `what` = "full"
+    names them)."""
     opts = [int(s) for s in steps]
+    noun = "full capture" if what == "full" else "captured step"
     if len(opts) == 1:
-        st.caption(f"Step {opts[0]} (the only captured step)")
+        st.caption(f"Step {opts[0]} (the only {noun})")
         return opts[0]
     cur = st.session_state.get(key)
     if cur is not None and cur not in opts:  # a resumed run rolled that capture back
         st.warning(f"Step {cur} is no longer captured (a resumed run rolled it back); "
-                   f"showing step {opts[-1]}, the latest captured.")
+                   f"showing step {opts[-1]}, the latest {noun}.")
     if cur not in opts:  # first time, or a missing capture: go to the latest
         st.session_state[key] = opts[-1]
-    return int(st.select_slider("Step (captured steps)", options=opts, key=key))
+    label = "Step (full captures)" if what == "full" else "Step (captured steps)"
+    return int(st.select_slider(label, options=opts, key=key))
 
 
 # ----------------------------------------------------------------------------- pages
@@ -109,17 +124,20 @@ def page_training(url: str, rs) -> None:
         n = D.n_committed(url)
         tick = int(time.time() // LIVE_EVERY_S) if live else 0
         d = D.cached_training(url, n, tick)
-        tr, va, cap = d["train"], d["val"], d["captured"]
+        tr, va, cap, full = d["train"], d["val"], d["captured"], d["full"]
         if not len(tr) and not len(cap):
             st.info("No metrics and no captures yet: the run is still starting.")
             return
-        c = st.columns(5)
+        c = st.columns([1, 1, 1, 2, 1])  # Captures: "11 (7 full) · 9 snapshots"
         if len(tr):
             c[0].metric("Step", int(tr["step"].iloc[-1]))
             c[1].metric("Train loss", f"{tr['loss'].iloc[-1]:.4f}")
         if len(va):
             c[2].metric("Val loss", f"{va['loss'].iloc[-1]:.4f}")
-        c[3].metric("Captures", f"{len(cap)} / {len(rs.layout.scheduled_steps)}")
+        c[3].metric("Captures", D.captures_line(len(cap), len(full), len(d["snapshots"])),
+                    help="Captures committed (every one holds the statistics, top-k and "
+                         "training dynamics; full ones also the activations, attention and "
+                         "logit effects) and weight snapshots stored.")
         c[4].metric("Status", D.STATUS_WORDS.get(status, status))
         xt = "log" if logx else "linear"
 
@@ -129,10 +147,15 @@ def page_training(url: str, rs) -> None:
         if len(va):
             fig.add_scatter(x=va["step"], y=va["loss"], mode="lines+markers", name="val loss")
         if len(cap) and len(tr):
-            x = np.maximum(cap, 1) if logx else cap
-            y = np.interp(x, tr["step"], tr["loss"])
-            fig.add_scatter(x=x, y=y, mode="markers", name="captured step",
-                            marker=dict(symbol="triangle-down", size=9, color="black"))
+            is_full = np.isin(cap, full)
+            for name, pick, symbol in (("full capture", is_full, "triangle-down"),
+                                       ("summary capture", ~is_full, "triangle-down-open")):
+                if not pick.any():
+                    continue
+                x = np.maximum(cap[pick], 1) if logx else cap[pick]
+                y = np.interp(x, tr["step"], tr["loss"])
+                fig.add_scatter(x=x, y=y, mode="markers", name=name,
+                                marker=dict(symbol=symbol, size=9, color="black"))
         fig_layout(fig, "Loss", 360).update_xaxes(type=xt, title="step")
         st.plotly_chart(fig, key="loss_chart")
         cols = st.columns(3)
@@ -145,10 +168,16 @@ def page_training(url: str, rs) -> None:
             fig_layout(f, title, 260).update_xaxes(type=xt, title="step")
             col.plotly_chart(f, key=f"{name}_chart")
         if len(cap):
-            st.caption("Captured steps: " + ", ".join(map(str, cap[:200]))
-                       + (" ..." if len(cap) > 200 else ""))
+            st.caption(f"Captured steps: {_steps_text(cap)}. Full captures (activations, "
+                       f"attention, logit effects): {_steps_text(full) or 'none yet'}. "
+                       f"Weight snapshots: {_steps_text(d['snapshots']) or 'none'}.")
 
     charts()
+
+
+def _steps_text(steps, most: int = 200) -> str:
+    steps = [int(s) for s in steps]
+    return ", ".join(map(str, steps[:most])) + (" ..." if len(steps) > most else "")
 
 
 def _color(a: float, scale: float) -> str:
@@ -185,7 +214,12 @@ def page_neurons(url: str, rs) -> None:
         return
     n = len(steps)
     c1, c2 = st.columns([1, 2])
-    hook = c1.selectbox("Hook", list(rs.hooks), key="hook")
+    hook = c1.selectbox("Hook", list(rs.hooks), key="hook",
+                        format_func=lambda h: h if h in rs.act_hooks else
+                        f"{h} (statistics only)",
+                        help="Every hook has per-neuron statistics and top-k at every "
+                             "capture; full captures also keep the activations of those not "
+                             "marked 'statistics only'.")
     width = rs.hooks[hook]
     with c2:
         step = step_slider(steps, "neuron_step")
@@ -229,6 +263,16 @@ def page_neurons(url: str, rs) -> None:
     rows = D.cached_top_tokens(url, n, hook, step, neuron)
     if rows:
         st.markdown(tokens_html(rows), unsafe_allow_html=True)
+        if not any(r.get("from_acts") for r in rows):
+            if hook not in rs.act_hooks:
+                why = (f"{hook} keeps statistics and top-k only (its activations are not "
+                       f"stored: capture.hooks)")
+            else:
+                near = D.nearest_full(rs, step)
+                why = (f"step {step} is a summary capture; activations are kept at full "
+                       f"captures" + (f" (nearest: step {near})" if near is not None
+                                      else " (none committed yet)"))
+            st.caption(f"Only each top token is coloured: {why}.")
     else:
         st.info("No top-k tokens stored for this neuron at this step.")
     t = go.Figure(go.Scatter(x=hist["step"], y=hist["max"], mode="lines+markers",
@@ -244,15 +288,24 @@ def page_attention(url: str, rs) -> None:
         st.info("This run stores no attention patterns (capture.attn_seqs was 0 or no "
                 "attention layers were chosen).")
         return
-    steps = rs.steps()
-    if not len(steps):
+    if not len(rs.steps()):
         st.info(EMPTY)
+        return
+    steps = rs.steps("full")
+    if not len(steps):
+        st.info(no_full(rs, "attention patterns"))
         return
     c = st.columns(3)
     layer = c[0].selectbox("Layer", rs.attn_layers, key="attn_layer")
     head = c[1].selectbox("Head", list(range(rs.n_heads)), key="attn_head")
     seq = c[2].selectbox("Probe sequence", list(range(rs.attn_seqs)), key="attn_seq")
-    step = step_slider(steps, "attn_step")
+    note = st.session_state.pop("attn_note", None)
+    if note:
+        st.info(note)
+    step = step_slider(steps, "attn_step", "full")
+    if rs.attn_len < rs.seq_len:
+        st.caption(f"The first {rs.attn_len} of {rs.seq_len} query and key positions "
+                   f"(capture.attn_len).")
     d = D.cached_attention(url, len(steps), layer, step, seq)
     pat, labels = d["pattern"], d["labels"]
     f = go.Figure(go.Heatmap(z=pat[head], x=labels, y=labels, colorscale="Blues", zmin=0,
@@ -280,14 +333,28 @@ def page_attention(url: str, rs) -> None:
 def page_store(url: str, rs) -> None:
     st.header("Store")
     steps = rs.steps()
-    L = rs.layout
+    n_full = len(rs.steps("full"))
+    snaps = rs.snapshot_steps()
     st.markdown(
         f"**{url}** · schema version {rs.schema_version} · status "
         f"**{D.STATUS_WORDS.get(rs.status, rs.status)}** · updated {rs.updated_at}  \n"
-        f"{len(steps)} of {len(L.scheduled_steps)} scheduled captures committed · source "
+        f"{len(steps)} captures committed ({n_full} full) · {len(snaps)} weight snapshots · "
+        f"{rs.max_steps} steps planned · source "
         f"`{rs.source}` · P={rs.n_seqs} sequences x T={rs.seq_len} tokens · top-k={rs.k} · "
-        f"attention layers {rs.attn_layers} (H={rs.n_heads}, A={rs.attn_seqs}) · "
-        f"world {rs.world} · {len(rs.hooks)} hooks")
+        f"attention layers {rs.attn_layers} (H={rs.n_heads}, A={rs.attn_seqs}, first "
+        f"{rs.attn_len} positions) · world {rs.world} · {len(rs.hooks)} hooks with "
+        f"statistics, {len(rs.act_hooks)} with activations"
+        + (" · per-token probe loss" if rs.has_token_loss else ""))
+    st.subheader("Captures and snapshots")
+    caps = D.cached_captures(url, len(steps), len(snaps))
+    if len(caps):
+        st.caption("Each committed capture's tiers (summary: statistics, top-k, head scores, "
+                   "logit lens, probe loss; full: also activations, attention, logit "
+                   "effects) and whether the model's weights at that step are stored.")
+        st.dataframe(caps, key="captures_table", hide_index=True)
+    else:
+        st.caption("No capture and no snapshot committed yet.")
+    st.subheader("Arrays")
     # walking every chunk file costs ~1 s per 1,000 captures: on by default for small stores
     sizes = st.checkbox("Measure bytes on disk (lists every chunk file)",
                         value=len(steps) <= SIZES_AUTO_MAX, key="sizes")
@@ -315,6 +382,7 @@ def apply_link(page: str, rs) -> None:
     qp = st.query_params
     ss = st.session_state
     steps = {int(s) for s in rs.steps()}
+    full = {int(s) for s in rs.steps("full")} if page == "Attention" else set()
 
     def take(name: str, ok) -> int | str | None:
         if name not in qp:
@@ -333,6 +401,14 @@ def apply_link(page: str, rs) -> None:
                               ("seq", "attn_seq", lambda v: 0 <= v < rs.attn_seqs),
                               ("step", "attn_step", lambda v: v in steps)):
             v = take(name, ok)
+            if v is not None and name == "step" and v not in full:
+                # a summary capture has no attention: its nearest full capture instead
+                near = D.nearest_full(rs, v)
+                if near is not None:
+                    ss["attn_note"] = (f"Step {v} is a summary capture (no attention "
+                                       f"patterns): showing step {near}, the nearest full "
+                                       f"capture.")
+                v = near
             if v is not None:
                 ss[key] = v
     elif page == "Neurons":
@@ -361,7 +437,8 @@ def main() -> None:
         st.warning(f"No capture store here. {e}")
         return
     except SchemaVersionError as e:
-        st.error(f"This store was written by a newer version of the project. {e}")
+        when = "an older" if "older than this code" in str(e) else "a newer"
+        st.error(f"This store was written by {when} version of the project. {e}")
         return
     except CorruptStore as e:
         st.error(f"This store's metadata cannot be read. {e}")

@@ -90,26 +90,40 @@ def find_runs(root: str) -> list[str]:
 
 
 def run_summary(url: str) -> dict:
-    """A run's one-line summary: status, n_layer, n_embd, steps captured / scheduled; or the
-    store's one-line error."""
+    """A run's one-line summary: status, n_layer, n_embd, captures committed (and how many
+    of them full), weight snapshots, planned steps; or the store's one-line error. Captures
+    are appended as they are taken: there is no schedule in the store to count against."""
     out: dict = {"url": url, "error": None}
     try:
         rs = RunStore(url)
         model = rs.attrs.get("model") or (rs.attrs.get("run") or {}).get("model") or {}
         out.update(status=rs.status, n_layer=model.get("n_layer"), n_embd=model.get("n_embd"),
-                   captured=int(len(rs.steps())), scheduled=len(rs.layout.scheduled_steps),
-                   max_steps=rs.max_steps)
+                   captured=int(len(rs.steps())), full=int(len(rs.steps("full"))),
+                   snapshots=len(rs.snapshot_steps()), max_steps=rs.max_steps)
     except StoreError as e:
         out["error"] = str(e)
     return out
+
+
+def captures_line(captured: int, full: int, snapshots: int) -> str:
+    """"11 (7 full) · 9 snapshots": the Training page's Captures metric and the sidebar's."""
+    return (f"{captured} ({full} full) · {snapshots} snapshot"
+            f"{'' if snapshots == 1 else 's'}")
 
 
 def summary_line(s: dict) -> str:
     if s.get("error"):
         return f"cannot be read: {s['error']}"
     return (f"{STATUS_WORDS.get(s['status'], s['status'])} · {s['n_layer']} layers x "
-            f"{s['n_embd']} · {s['captured']}/{s['scheduled']} captures · "
-            f"{s['max_steps']} steps")
+            f"{s['n_embd']} · captures {captures_line(s['captured'], s['full'], s['snapshots'])}"
+            f" · {s['max_steps']} steps planned")
+
+
+def nearest_full(rs: RunStore, step: int) -> int | None:
+    """The full capture to show for `step` (attention, activations, logit effects): the
+    nearest full step at or after it, else the last one before it; None without any."""
+    before, after = rs.nearest_steps(int(step), "full")
+    return after if after is not None else before
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -158,11 +172,13 @@ def make_decoder(bpe_file: str | None) -> Callable[[int], str]:
 # ----------------------------------------------------------------------------- pages' data
 
 def training_data(rs: RunStore) -> dict:
-    """Training page: train and val metrics as DataFrames, the captured steps."""
+    """Training page: train and val metrics as DataFrames, the captured steps (all, and the
+    full ones), the weight snapshots' steps."""
     train = pd.DataFrame(rs.metrics("train"))
     val = pd.DataFrame(rs.metrics("val"))
     val = val.dropna(axis=1, how="all") if len(val) else val
-    return {"train": train, "val": val, "captured": rs.steps()}
+    return {"train": train, "val": val, "captured": rs.steps(), "full": rs.steps("full"),
+            "snapshots": np.asarray(rs.snapshot_steps(), np.int64)}
 
 
 def neuron_table(rs: RunStore, hook: str, step: int) -> pd.DataFrame:
@@ -207,12 +223,15 @@ def neuron_heatmap(rs: RunStore, hook: str, stat: str, lo: int, hi: int,
 def top_tokens(rs: RunStore, hook: str, step: int, neuron: int, decode: Callable[[int], str],
                window: int = 8, rows: int = 8) -> list[dict]:
     """The neuron's top-activating tokens at `step`, each with its context: tokens
-    [pos - window, pos + 2] of its sequence and the neuron's activation at each (from the
-    stored activations when that capture has them, else only the top token's value)."""
+    [pos - window, pos + 2] of its sequence and the neuron's activation at each. The top-k
+    and the tokens are in every capture; the activations of the context only in a full
+    capture of a hook that keeps them (`from_acts` says which), else only the top token's
+    value is known."""
     vals, seqs, poss = rs.topk(hook, step, neuron)
     vals, seqs, poss = vals[:rows], seqs[:rows], poss[:rows]
     if not len(vals):
         return []
+    full = hook in rs.act_hooks and int(step) in set(rs.steps("full").tolist())
     probe = rs.probe_tokens()
     toks_of: dict[int, np.ndarray] = {}
     acts_of: dict[int, np.ndarray | None] = {}
@@ -221,28 +240,49 @@ def top_tokens(rs: RunStore, hook: str, step: int, neuron: int, decode: Callable
         s, p = int(s), int(p)
         if s not in toks_of:
             toks_of[s] = probe[s] if probe is not None else rs.tokens(step, s)
-            try:
+            acts_of[s] = None
+            if full:
                 a = rs.activations(hook, step, s)[:, neuron].astype(np.float32)
                 acts_of[s] = None if np.isnan(a).all() else a
-            except StoreError:
-                acts_of[s] = None
         t0, t1 = max(0, p - window), min(rs.seq_len, p + 3)
         toks = toks_of[s][t0:t1]
         a = acts_of[s]
         acts = a[t0:t1] if a is not None else np.where(np.arange(t0, t1) == p, v, np.nan)
         out.append({"value": float(v), "seq": s, "pos": p, "start": t0,
-                    "tokens": [decode(t) for t in toks], "acts": acts.tolist()})
+                    "tokens": [decode(t) for t in toks], "acts": acts.tolist(),
+                    "from_acts": a is not None})
     return out
 
 
 def attention_data(rs: RunStore, layer: int, step: int, seq: int,
                    decode: Callable[[int], str]) -> dict:
-    """Attention page: the pattern of every head [H, T, T] and the token labels."""
+    """Attention page: the pattern of every head [H, Ta, Ta] at a full capture (the first
+    Ta = rs.attn_len query and key positions) and the labels of those Ta tokens."""
     pat = rs.attention(layer, step, seq).astype(np.float32)
     probe = rs.probe_tokens()
     toks = probe[seq] if probe is not None else rs.tokens(step, seq)
-    labels = [f"{i}:{decode(t)!r}"[:18] for i, t in enumerate(toks)]
+    Ta = min(rs.attn_len, pat.shape[-1])
+    labels = [f"{i}:{decode(t)!r}"[:18] for i, t in enumerate(toks[:Ta])]
     return {"pattern": pat, "labels": labels}
+
+
+def icl_data(rs: RunStore) -> pd.DataFrame:
+    """Dynamics page: the in-context-learning score at every capture (rs.icl())."""
+    steps, score = rs.icl()
+    return pd.DataFrame({"step": np.asarray(steps, np.int64),
+                         "icl": np.asarray(score, np.float32)})
+
+
+def captures_table(rs: RunStore) -> pd.DataFrame:
+    """Store page: one row per committed capture or weight snapshot, by step: the tiers the
+    capture holds ("summary", "summary, full"; "" for a snapshot without a capture) and
+    whether the weights at that step are stored."""
+    tiers = rs.tiers()
+    snaps = set(rs.snapshot_steps())
+    steps = sorted(set(tiers) | snaps)
+    return pd.DataFrame({"step": np.asarray(steps, np.int64),
+                         "tiers": [", ".join(tiers.get(s, [])) for s in steps],
+                         "snapshot": [s in snaps for s in steps]})
 
 
 def arrays_table(rs: RunStore, sizes: bool = True) -> pd.DataFrame:
@@ -312,6 +352,16 @@ def cached_top_tokens(url: str, n: int, hook: str, step: int, neuron: int) -> li
 def cached_attention(url: str, n: int, layer: int, step: int, seq: int) -> dict:
     rs = get_store(url)
     return attention_data(rs, layer, step, seq, get_decoder(tokenizer_file(rs)))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def cached_icl(url: str, n: int) -> pd.DataFrame:
+    return icl_data(get_store(url))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def cached_captures(url: str, n: int, snaps: int) -> pd.DataFrame:
+    return captures_table(get_store(url))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -1,6 +1,8 @@
 """The Dynamics page: when heads and neurons form. Its data functions are plain (timed by
 benchmarks/dashboard_load.py like data.py's); the page links into the Attention and
-Neurons pages at a head, neuron and step through the URL's query parameters."""
+Neurons pages at a head, neuron and step through the URL's query parameters. Every chart
+here reads the summary tier (every capture) but the neuron logit effects, which only full
+captures hold; a link into the Attention page points at a full capture."""
 
 from __future__ import annotations
 
@@ -140,8 +142,7 @@ def page(url: str, rs: RunStore, fig_layout, step_slider) -> None:
             f"Induction phase change at step **{pc['step']}**: layer {pc['layer']} head "
             f"{pc['head']}'s induction score reached {pc['score']:.2f} (it was "
             f"{pc['score_before']:.2f} at step {pc['before']}). "
-            f"[Its attention at step {pc['step']}]"
-            f"({link('attention', layer=pc['layer'], head=pc['head'], step=pc['step'])})")
+            + _attention_link(rs, pc["layer"], pc["head"], pc["step"]))
     elif "induction" in rs.head_score_names:
         st.info(f"No induction phase change yet: no head's induction score has crossed "
                 f"{PHASE_THRESHOLD} between two captures.")
@@ -149,11 +150,24 @@ def page(url: str, rs: RunStore, fig_layout, step_slider) -> None:
         _heads(url, rs, n, pc, fig_layout)
     if rs.has_lens:
         _lens(url, n, pc, fig_layout)
+    if rs.has_token_loss:
+        _icl(url, n, pc, fig_layout)
     hooks = neuron_hooks(rs)
     if hooks:
         _events(url, rs, n, hooks, fig_layout)
     if rs.dla_layers:
-        _logit_effects(url, rs, steps, fig_layout, step_slider)
+        _logit_effects(url, rs, fig_layout, step_slider)
+
+
+def _attention_link(rs: RunStore, layer: int, head: int, step: int) -> str:
+    """A markdown link to the head's attention at `step`, or at the nearest full capture
+    (at or after it, else before) when `step` is a summary capture; a sentence saying so
+    when the store has no full capture yet."""
+    full = D.nearest_full(rs, step)
+    if full is None:
+        return "(Its attention: no full capture yet.)"
+    where = f"at step {full}" if full == step else f"at step {full}, the nearest full capture"
+    return f"[Its attention {where}]({link('attention', layer=layer, head=head, step=full)})"
 
 
 def _heads(url: str, rs: RunStore, n: int, pc: dict | None, fig_layout) -> None:
@@ -191,9 +205,16 @@ def _heads(url: str, rs: RunStore, n: int, pc: dict | None, fig_layout) -> None:
     last = g["z"][:, -1]
     order = np.argsort(last)[::-1 if score != "entropy" else 1][:5]
     step = int(g["steps"][-1])
-    st.markdown("Top heads at step %d: " % step + " · ".join(
+    full = D.nearest_full(rs, step)
+    if full is None:
+        st.markdown(f"Top heads at step {step}: " + " · ".join(
+            f"{g['labels'][i]} ({last[i]:.2f})" for i in order)
+            + " (no full capture yet to show their attention)")
+        return
+    shown = "" if full == step else f" (their attention at step {full}, the nearest full capture)"
+    st.markdown(f"Top heads at step {step}{shown}: " + " · ".join(
         f"[{g['labels'][i]} ({last[i]:.2f})]"
-        f"({link('attention', layer=int(i) // rs.n_heads, head=int(i) % rs.n_heads, step=step)})"
+        f"({link('attention', layer=int(i) // rs.n_heads, head=int(i) % rs.n_heads, step=full)})"
         for i in order))
 
 
@@ -209,6 +230,22 @@ def _lens(url: str, n: int, pc: dict | None, fig_layout) -> None:
     fig_layout(f, "Probe loss read off each block's output (final LayerNorm + unembedding)")
     f.update_xaxes(title="step").update_yaxes(title="next-token loss (nats)")
     st.plotly_chart(f, key="dyn_lens")
+
+
+def _icl(url: str, n: int, pc: dict | None, fig_layout) -> None:
+    st.subheader("In-context learning")
+    st.caption("The probe's mean loss late in the context minus its mean loss early in it "
+               "(Olsson et al. 2022): it falls below zero as the model learns to use its "
+               "context, most sharply when induction heads form.")
+    df = D.cached_icl(url, n)
+    f = go.Figure(go.Scatter(x=df["step"], y=df["icl"], mode="lines+markers",
+                             name="in-context-learning score"))
+    if pc:
+        f.add_vline(x=pc["step"], line_dash="dash", line_color="red")
+    f.add_hline(y=0, line_color="grey", line_width=1)
+    fig_layout(f, "In-context-learning score by step", 300)
+    f.update_xaxes(title="step").update_yaxes(title="late loss - early loss (nats)")
+    st.plotly_chart(f, key="dyn_icl")
 
 
 def _events(url: str, rs: RunStore, n: int, hooks: list[str], fig_layout) -> None:
@@ -237,8 +274,15 @@ def _events(url: str, rs: RunStore, n: int, hooks: list[str], fig_layout) -> Non
         st.caption("No births or deaths so far.")
 
 
-def _logit_effects(url: str, rs: RunStore, steps: np.ndarray, fig_layout, step_slider) -> None:
+def _logit_effects(url: str, rs: RunStore, fig_layout, step_slider) -> None:
     st.subheader("Neuron logit effects")
+    steps = rs.steps("full")
+    if not len(steps):
+        n = len(rs.steps())
+        st.info(f"No full capture is committed yet: neuron logit effects are kept at full "
+                f"captures only (capture.full_every); this store has {n} summary "
+                f"capture{'' if n == 1 else 's'} so far.")
+        return
     st.caption("What each MLP neuron writes to the logits directly, from the weights: W_out "
                "centred (as the final LayerNorm centres), times its gain, through the "
                "unembedding; the LayerNorm's scale (a positive per-token number) and bias "
@@ -246,7 +290,7 @@ def _logit_effects(url: str, rs: RunStore, steps: np.ndarray, fig_layout, step_s
     c = st.columns(2)
     layer = c[0].selectbox("Layer", rs.dla_layers, key="dyn_dla_layer")
     neuron = int(c[1].number_input("Neuron", 0, rs.d_mlp - 1, 0, key="dyn_dla_neuron"))
-    step = step_slider(steps, "dyn_dla_step")
+    step = step_slider(steps, "dyn_dla_step", "full")
     st.dataframe(cached_logit_effects(url, len(steps), layer, step, neuron), hide_index=True,
                  key="dyn_dla_table")
     if mlp_hook(layer) in rs.hooks:

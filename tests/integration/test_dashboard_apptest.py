@@ -1,5 +1,8 @@
-"""The dashboard in Streamlit's AppTest on the store of a real tiny training run: each page
-shows the store's own numbers, and every bad store gives a sentence, never a traceback."""
+"""The dashboard in Streamlit's AppTest on the store of a real tiny training run (schema 2:
+summary captures at 0, 1, 2, 4, 6, 8, full ones at 0, 1, 2, 4, 8, weight snapshots at 0, 1,
+2, 3, 6, 8) and on small stores written through StoreWriter: each page shows the store's
+own numbers, the parts that need activations or attention offer full captures only, and
+every bad store (no full capture yet included) gives a sentence, never a traceback."""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import pytest
 
 from helpers import BPE, ROOT, run_cli
 from store.reader import RunStore
-from store.schema import STATS
 from store.writer import StoreWriter
+
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+from test_dashboard_data import ACT_HOOK, write_store  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +28,10 @@ TINY_ARGS = ["--max-steps", "8", "--model.n_layer=3", "--model.n_head=2", "--mod
              "--model.block_size=32", "--train.micro_batch_size=4",
              "--train.global_batch_tokens=128", "--eval.every=4", "--eval.val_batches=2",
              "--eval.sample_tokens=0", "--capture.every=2", "--capture.probe_seqs=4",
-             "--capture.probe_len=16", "--log.plot=false"]
+             "--capture.probe_len=16", "--capture.attn_len=8", "--capture.snapshot_every=3",
+             "--log.plot=false"]
+# What TINY_ARGS capture (capture/schedule.py): the tests check the store agrees first.
+TINY_STEPS, TINY_FULL, TINY_SNAPSHOTS = [0, 1, 2, 4, 6, 8], [0, 1, 2, 4, 8], [0, 1, 2, 3, 6, 8]
 _RUNS: dict[str, Path] = {}
 
 
@@ -44,7 +52,12 @@ def tiny_run(shakespeare_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rs(tiny_run) -> RunStore:
-    return RunStore(tiny_run / "capture.zarr")
+    r = RunStore(tiny_run / "capture.zarr")
+    assert r.schema_version == 2
+    assert r.steps().tolist() == TINY_STEPS and r.steps("full").tolist() == TINY_FULL
+    assert r.snapshot_steps() == TINY_SNAPSHOTS
+    assert (r.attn_len, r.seq_len) == (8, 16) and r.has_token_loss
+    return r
 
 
 def app(monkeypatch, page: str | None = None, run_dir=None, runs_root=None):
@@ -60,6 +73,19 @@ def app(monkeypatch, page: str | None = None, run_dir=None, runs_root=None):
     at = AppTest.from_file(APP, default_timeout=60)
     if page:
         at.query_params["page"] = page
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def app_with_params(monkeypatch, run, **params):
+    """The app on `run`, opened at a link's query parameters."""
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    monkeypatch.delenv("DASHBOARD_RUNS_ROOT", raising=False)
+    monkeypatch.setenv("DASHBOARD_RUN_DIR", str(run))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params.update(**params)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -100,16 +126,23 @@ def test_training_page(monkeypatch, tiny_run, rs):
     assert m["Step"] == str(int(tr["step"][-1])) == "8"
     assert m["Train loss"] == f"{tr['loss'][-1]:.4f}"
     assert m["Val loss"] == f"{va['loss'][-1]:.4f}"
-    assert m["Captures"] == f"{len(rs.steps())} / {len(rs.layout.scheduled_steps)}"
+    assert m["Captures"] == "6 (5 full) · 6 snapshots"
     assert m["Status"] == "finished"
     assert titles(at) == ["Loss", "Learning rate", "Gradient norm", "Tokens per second"]
     loss = charts(at)[0]["data"]
     by = {d["name"]: d for d in loss}
     assert np.allclose(arr(by["train loss"]["y"]), tr["loss"], rtol=1e-6)
-    assert arr(by["captured step"]["x"]).tolist() == rs.steps().tolist()
-    # the sidebar's run picker: the run, its shape and status
+    # captured steps marked on the loss curve, full and summary-only apart
+    assert arr(by["full capture"]["x"]).tolist() == TINY_FULL
+    assert arr(by["summary capture"]["x"]).tolist() == [6]
+    cap = " ".join(c.value for c in at.caption)
+    assert "Captured steps: 0, 1, 2, 4, 6, 8." in cap
+    assert "(activations, attention, logit effects): 0, 1, 2, 4, 8." in cap
+    assert "Weight snapshots: 0, 1, 2, 3, 6, 8." in cap
+    # the sidebar's run picker: the run, its shape, status and captures
     side = " ".join(at.sidebar.radio(key="run").proto.captions)
-    assert "finished" in side and "3 layers x 32" in side and "6/6 captures" in side
+    assert "finished" in side and "3 layers x 32" in side
+    assert "captures 6 (5 full) · 6 snapshots · 8 steps planned" in side
     at.checkbox(key="logx").check().run()
     assert all(c["layout"]["xaxis"]["type"] == "log" for c in charts(at))
 
@@ -123,9 +156,14 @@ def test_neurons_page(monkeypatch, tiny_run, rs):
     stats = rs.stats_at(hook, steps[-1])
     assert np.allclose(at.dataframe[0].value["max"].to_numpy(), stats["max"])
     assert f"mean of the {D} neurons of {hook} at step {steps[-1]}" in titles(at)
-    # another step, the MLP hook, a chosen neuron
+    # statistics of every hook, the summary-only step 6 included
+    assert at.selectbox(key="hook").options == [
+        h if h in rs.act_hooks else f"{h} (statistics only)" for h in rs.hooks]
+    assert at.select_slider(key="neuron_step").options == [str(s) for s in TINY_STEPS]
+    # another step, an MLP hook whose activations full captures keep, a chosen neuron
     at.select_slider(key="neuron_step").set_value(steps[2]).run()
-    mlp = next(h for h in rs.hooks if "mlp" in h)
+    mlp = "blocks.1.mlp.hook_post"
+    assert mlp in rs.act_hooks
     at.selectbox(key="hook").set_value(mlp).run()
     at.number_input(key=f"neuron::{mlp}").set_value(5).run()
     assert not at.exception
@@ -152,11 +190,36 @@ def test_neurons_page(monkeypatch, tiny_run, rs):
     tok = enc.decode([int(rs.probe_tokens()[seqs[0], poss[0]])])
     import html as h
     assert h.escape(tok).replace(" ", "&nbsp;").replace("\n", "⏎") in html
+    # step 2 is a full capture: every context token is coloured from the activations
+    a = rs.activations(mlp, steps[2], int(seqs[0]))[:, 5].astype(np.float32)
+    ctx = a[max(0, int(poss[0]) - 8):int(poss[0]) + 3]
+    assert "title='not stored'" not in html.split("</div>")[0]
+    assert all(f"title='{x:.3f}'" in html for x in ctx)
+    assert "Only each top token is coloured" not in " ".join(c.value for c in at.caption)
+    # step 6 is a summary capture: the top-k is there, the context's activations are not
+    at.select_slider(key="neuron_step").set_value(6).run()
+    assert not at.exception
+    assert [h.value for h in at.subheader] == ["Top-activating tokens of neuron 5 at step 6"]
+    vals6, seqs6, poss6 = rs.topk(mlp, 6, 5)
+    html = at.markdown[0].value
+    assert f"<b>{vals6[0]:.3f}</b>" in html and "title='not stored'" in html
+    assert ("Only each top token is coloured: step 6 is a summary capture; activations are "
+            "kept at full captures (nearest: step 8)." in " ".join(c.value for c in at.caption))
+    # a hook with statistics only says so
+    stat_only = next(x for x in rs.hooks if x not in rs.act_hooks)
+    at.selectbox(key="hook").set_value(stat_only).run()
+    assert not at.exception
+    assert f"{stat_only} keeps statistics and top-k only" in " ".join(c.value for c in at.caption)
 
 
 def test_attention_page(monkeypatch, tiny_run, rs):
     at = app(monkeypatch, "attention", run_dir=tiny_run)
-    steps = [int(s) for s in rs.steps()]
+    steps = [int(s) for s in rs.steps("full")]
+    # the step slider offers the full captures only (step 6 holds no attention)
+    slider = at.select_slider(key="attn_step")
+    assert slider.options == [str(s) for s in TINY_FULL] and slider.value == 8
+    assert slider.label == "Step (full captures)"
+    assert "The first 8 of 16 query and key positions" in " ".join(c.value for c in at.caption)
     at.selectbox(key="attn_layer").set_value(1).run()
     at.selectbox(key="attn_head").set_value(1).run()
     at.selectbox(key="attn_seq").set_value(2).run()
@@ -165,21 +228,36 @@ def test_attention_page(monkeypatch, tiny_run, rs):
                           f"All {rs.n_heads} heads of layer 1 at step {steps[3]}"]
     c = charts(at)
     want = rs.attention(1, steps[3], 2, 1).astype(np.float32)
+    assert want.shape == (rs.attn_len, rs.attn_len) == (8, 8)
     assert np.allclose(arr(c[0]["data"][0]["z"]), want, atol=1e-6)
-    assert len(c[0]["data"][0]["x"]) == rs.seq_len
+    # token labels: the first attn_len positions only
+    from dashboard.data import make_decoder
+    dec = make_decoder(str(BPE))
+    want_labels = [f"{i}:{dec(t)!r}"[:18] for i, t in enumerate(rs.probe_tokens()[2][:8])]
+    assert c[0]["data"][0]["x"] == c[0]["data"][0]["y"] == want_labels
     assert len(c[1]["data"]) == rs.n_heads
 
 
 def test_store_page(monkeypatch, tiny_run, rs):
     at = app(monkeypatch, "store", run_dir=tiny_run)
-    df = at.dataframe[0].value
+    df = at.dataframe[1].value
     arrays = rs.arrays()
     assert list(df["path"]) == [a["path"] for a in arrays]
     assert (df["bytes on disk"] > 0).all()
-    assert "schema version 1" in at.markdown[0].value
+    head = at.markdown[0].value
+    assert "schema version 2" in head and "6 captures committed (5 full)" in head
+    assert "6 weight snapshots" in head and "first 8 positions" in head
+    # each committed step's tiers, and the snapshot steps (3: a snapshot, no capture)
+    caps = at.dataframe[0].value
+    assert caps["step"].tolist() == [0, 1, 2, 3, 4, 6, 8]
+    assert caps["tiers"].tolist() == ["summary, full"] * 3 + ["", "summary, full", "summary",
+                                                              "summary, full"]
+    assert caps["snapshot"].tolist() == [True, True, True, True, False, True, True]
+    tiers = rs.tiers()
+    assert {int(s): t.split(", ") for s, t in zip(caps["step"], caps["tiers"]) if t} == tiers
     at.selectbox(key="array").set_value("attn/0").run()
-    axes = at.markdown[2].value
-    assert "axis 0 (capture)" in axes and "axis 4 (key)" in axes
+    axes = at.markdown[-1].value
+    assert "axis 0 (capture)" in axes and "axis 4 (kpos)" in axes
 
 
 # ----------------------------------------------------------------------------- states
@@ -206,6 +284,11 @@ def test_dynamics_page(monkeypatch, tiny_run, rs):
                      "unembedding)"]["data"]
     assert [t["name"] for t in lines] == [f"after block {i}" for i in range(L)]
     np.testing.assert_allclose(arr(lines[2]["y"]), lens[:, 2], rtol=1e-6)
+    # the in-context-learning score, from the store's per-token loss
+    icl_steps, icl = rs.icl()
+    line = by_title["In-context-learning score by step"]["data"]
+    assert len(line) == 1 and arr(line[0]["x"]).tolist() == icl_steps.tolist() == TINY_STEPS
+    np.testing.assert_allclose(arr(line[0]["y"]), icl, rtol=1e-6)
     # births and deaths of the captured MLP hook
     hook = at.selectbox(key="dyn_hook").value
     ev = rs.neuron_events(hook)
@@ -224,7 +307,9 @@ def test_dynamics_page(monkeypatch, tiny_run, rs):
     top = int(np.argmax(prev[-1].reshape(-1)))
     assert (f"(?page=attention&layer={top // H}&head={top % H}&step={int(steps[-1])})"
             in md)
-    # a neuron's logit effects: the table is the store's, decoded
+    # a neuron's logit effects (full captures only): the table is the store's, decoded
+    dla = at.select_slider(key="dyn_dla_step")
+    assert dla.options == [str(s) for s in TINY_FULL] and dla.value == 8
     table = at.dataframe[0].value  # the only table on the page
     d = rs.neuron_logits(0, int(steps[-1]), 0)
     np.testing.assert_allclose(table["effect +"].to_numpy(), np.round(d["top_value"], 4))
@@ -244,14 +329,22 @@ def test_links_open_attention_and_neurons_at_a_head_neuron_and_step(monkeypatch,
     assert (at.selectbox(key="attn_layer").value, at.selectbox(key="attn_head").value) == (2, 1)
     assert at.select_slider(key="attn_step").value == steps[1]
     assert titles(at)[0] == f"Layer 2, head 1, step {steps[1]}, sequence 0"
+    # a link to a summary capture opens the nearest full capture, and says so
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params.update(page="attention", layer="1", head="0", step="6")
+    at.run()
+    assert not at.exception
+    assert at.select_slider(key="attn_step").value == 8
+    assert "Step 6 is a summary capture (no attention patterns): showing step 8" in texts(at)
+    assert titles(at)[0] == "Layer 1, head 0, step 8, sequence 0"
     at = AppTest.from_file(APP, default_timeout=60)
     hook = "blocks.1.mlp.hook_post"
-    at.query_params.update(page="neurons", hook=hook, neuron="9", step=str(steps[2]))
+    at.query_params.update(page="neurons", hook=hook, neuron="9", step="6")
     at.run()
     assert not at.exception
     assert at.selectbox(key="hook").value == hook
     assert at.number_input(key=f"neuron::{hook}").value == 9
-    assert at.select_slider(key="neuron_step").value == steps[2]
+    assert at.select_slider(key="neuron_step").value == 6  # statistics: every capture
     # a link to something the store does not have is ignored, not an error
     at = AppTest.from_file(APP, default_timeout=60)
     at.query_params.update(page="attention", layer="99", head="x", step="123456")
@@ -259,41 +352,29 @@ def test_links_open_attention_and_neurons_at_a_head_neuron_and_step(monkeypatch,
     assert not at.exception and not at.error
 
 
-def test_dynamics_page_marks_the_phase_change(monkeypatch, tmp_path):
+PHASE_STEPS = [0, 100, 200, 300, 400, 500]
+PHASE_JUMP = [0.02, 0.03, 0.05, 0.05, 0.7, 0.8]
+
+
+@pytest.mark.parametrize("full, link_step", [
+    ([0, 100, 200, 300, 400, 500], 400),  # the phase change's own step is a full capture
+    ([0, 200, 500], 500),                 # a summary capture: the next full one
+    ([0, 200], 200),                      # none after it: the last full one before
+])
+def test_dynamics_page_marks_the_phase_change(monkeypatch, tmp_path, full, link_step):
     """A store whose layer-1 head 0 jumps from 0.05 to 0.7 between steps 300 and 400: the
-    page names step 400 and marks it on the heatmap and the curves."""
-    from store.schema import Layout
-    steps = [0, 100, 200, 300, 400, 500]
-    L, H, P, T = 2, 2, 2, 8
-    lay = Layout(scheduled_steps=steps, n_seqs=P, seq_len=T,
-                 act_hooks={"blocks.1.hook_resid_post": 4}, topk=2, attn_layers=[1],
-                 n_heads=H, attn_seqs=1, max_steps=500, world=1, source="probe",
-                 attrs={"model": {"n_layer": L}}, probe_tokens=np.ones((P, T), np.int32),
-                 n_layers=L, head_scores=["entropy", "prev_token", "duplicate", "induction"],
-                 logit_lens=True, repeated_tokens=np.tile(np.arange(4, dtype=np.int32), (2, 2)))
-    run = tmp_path / "phase"
-    w = StoreWriter.create_or_open(str(run / "capture.zarr"), lay)
-    jump = [0.02, 0.03, 0.05, 0.05, 0.7, 0.8]
-    for slot, step in enumerate(steps):
-        w.write_tokens(slot, 0, np.ones((P, T), np.int32))
-        w.write_acts("blocks.1.hook_resid_post", slot, 0, np.zeros((P, T, 4), np.float16))
-        w.write_attn(1, slot, 0, np.full((H, T, T), 0.1, np.float16))
-        w.write_stats("blocks.1.hook_resid_post", slot,
-                      {k: np.zeros(4, np.float32) for k in STATS})
-        w.write_topk("blocks.1.hook_resid_post", slot, np.zeros((4, 2), np.float32),
-                     np.zeros((4, 2), np.int32))
-        sc = {k: np.full((L, H), 0.1, np.float32) for k in lay.head_scores}
-        sc["induction"][1, 0] = jump[slot]
-        w.write_head_scores(slot, sc)
-        w.write_lens(slot, np.array([5.0, 4.0], np.float32) - slot * 0.1)
-        w.mark_done(slot, 0)
-        w.commit(slot, step)
-    w.set_status("finished")
+    page names step 400, marks it on the heatmap and the curves, and links to that head's
+    attention at a full capture."""
+    run = write_store(tmp_path / "phase", PHASE_STEPS, full, induction=PHASE_JUMP,
+                      icl=[0.0, -0.01, -0.02, -0.02, -0.4, -0.5])
+    rs = RunStore(run / "capture.zarr")
     at = app(monkeypatch, "dynamics", run_dir=run)
     ok = " ".join(str(x.value) for x in at.success)
     assert "Induction phase change at step **400**: layer 1 head 0" in ok
     assert "reached 0.70 (it was 0.05 at step 300)" in ok
-    assert "(?page=attention&layer=1&head=0&step=400)" in ok
+    assert f"(?page=attention&layer=1&head=0&step={link_step})" in ok
+    assert link_step in rs.steps("full").tolist()
+    assert ("the nearest full capture" in ok) == (link_step != 400)
     c = charts(at)
     heat = c[0]["layout"]
     assert [sh["x0"] for sh in heat["shapes"]] == [4]  # the category index of step 400
@@ -301,6 +382,53 @@ def test_dynamics_page_marks_the_phase_change(monkeypatch, tmp_path):
     assert [(a["x"], a["text"]) for a in heat["annotations"]] == [(4, "phase change (step 400)")]
     assert [sh["x0"] for sh in c[1]["layout"]["shapes"]] == [400]  # the per-layer curves
     assert [sh["x0"] for sh in c[2]["layout"]["shapes"]] == [400]  # the logit lens
+    # the in-context-learning score: the store's values, the phase change marked
+    assert c[3]["layout"]["title"]["text"] == "In-context-learning score by step"
+    _, icl = rs.icl()
+    np.testing.assert_allclose(arr(c[3]["data"][0]["y"]), icl, rtol=1e-6)
+    np.testing.assert_allclose(icl, [0.0, -0.01, -0.02, -0.02, -0.4, -0.5], atol=1e-6)
+    assert arr(c[3]["data"][0]["x"]).tolist() == PHASE_STEPS
+    assert 400 in [sh.get("x0") for sh in c[3]["layout"]["shapes"]]
+    # the top heads at the last step link to a full capture too
+    md = " ".join(m.value for m in at.markdown)
+    last_full = rs.nearest_steps(500, "full")[0]
+    assert f"&step={last_full})" in md and "&step=300)" not in md
+    # the logit effects offer the full captures only
+    assert at.select_slider(key="dyn_dla_step").options == [str(x) for x in full]
+
+
+def test_summary_only_store(monkeypatch, tmp_path):
+    """A run with summary captures but no full one yet: every page gives sentences, not a
+    traceback; the Attention page and the logit effects say why they show nothing."""
+    run = write_store(tmp_path / "summ", [0, 10, 20], full=[], status="training")
+    rs = RunStore(run / "capture.zarr")
+    assert rs.steps("full").tolist() == [] and rs.steps().tolist() == [0, 10, 20]
+    at = app(monkeypatch, "training", run_dir=run)
+    assert {m.label: m.value for m in at.metric}["Captures"] == "3 (0 full) · 0 snapshots"
+    assert "Full captures (activations, attention, logit effects): none yet" in " ".join(
+        c.value for c in at.caption)
+    at = app(monkeypatch, "attention", run_dir=run)
+    assert "No full capture is committed yet: attention patterns are kept at full captures" \
+        in texts(at) and "3 summary captures so far" in texts(at)
+    assert not at.get("plotly_chart") and not at.error
+    at = app(monkeypatch, "dynamics", run_dir=run)
+    assert "neuron logit effects are kept at full captures only" in texts(at)
+    assert not at.error
+    assert "In-context-learning score by step" in titles(at)
+    assert "Top heads at step 20" in " ".join(m.value for m in at.markdown)
+    assert "no full capture yet" in " ".join(m.value for m in at.markdown)
+    at = app(monkeypatch, "neurons", run_dir=run)
+    assert not at.error
+    at.selectbox(key="hook").set_value(ACT_HOOK).run()
+    assert not at.exception and not at.error
+    assert ("step 20 is a summary capture; activations are kept at full captures (none "
+            "committed yet)" in " ".join(c.value for c in at.caption))
+    at = app(monkeypatch, "store", run_dir=run)
+    assert not at.error
+    assert at.dataframe[0].value["tiers"].tolist() == ["summary"] * 3
+    # a link into the Attention page of this store: a sentence, not an error
+    at = app_with_params(monkeypatch, run, page="attention", layer="1", head="0", step="10")
+    assert "No full capture is committed yet" in texts(at) and not at.error
 
 
 def test_dynamics_page_without_dynamics(monkeypatch, shakespeare_data, tmp_path):
@@ -336,9 +464,13 @@ def test_empty_store(monkeypatch, tiny_run, tmp_path):
     w.rollback_after(-1)
     w.set_status("created")
     w.close()
-    for page in ("neurons", "attention"):
+    for page in ("neurons", "attention", "dynamics"):
         at = app(monkeypatch, page, run_dir=run)
         assert "run is still starting" in texts(at)
+    at = app(monkeypatch, "store", run_dir=run)
+    assert "No capture and no snapshot committed yet." in " ".join(c.value for c in at.caption)
+    at = app(monkeypatch, "training", run_dir=run)
+    assert {m.label: m.value for m in at.metric}["Captures"] == "0 (0 full) · 0 snapshots"
 
 
 def test_live_run(monkeypatch, tiny_run, tmp_path):
@@ -384,3 +516,7 @@ def test_newer_schema(monkeypatch, tiny_run, tmp_path):
     p.write_text(json.dumps(meta))
     at = app(monkeypatch, "training", run_dir=run)
     assert "newer version" in texts(at) and "99" in texts(at)
+    meta["attributes"]["schema_version"] = 1
+    p.write_text(json.dumps(meta))
+    at = app(monkeypatch, "training", run_dir=run)
+    assert "older version" in texts(at) and "python -m store.upgrade" in texts(at)

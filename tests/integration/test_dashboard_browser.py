@@ -1,11 +1,11 @@
 """The dashboard served by `streamlit run` and rendered by a real headless Chromium (selenium
 with Debian's chromium and chromedriver): each page draws its charts with the store's
-values; a screenshot of each goes to docs/screenshots/<page>.png and the test's tmp dir."""
+values; a screenshot of each goes to the test's temporary folder only (the repository stays
+as it was: docs/screenshots/ is refreshed by hand, by copying them from there)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +21,6 @@ from test_dashboard_apptest import make_tiny_run
 pytestmark = pytest.mark.integration
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-SHOTS = ROOT / "docs" / "screenshots"
 
 
 def _free_port() -> int:
@@ -118,20 +117,32 @@ def _plot_titles(drv) -> list[str]:
 
 
 def _shot(drv, name: str, tmp_path: Path) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    drv.save_screenshot(str(tmp_path / f"{name}.png"))
-    shutil.copy(tmp_path / f"{name}.png", SHOTS / f"{name}.png")
-    assert (SHOTS / f"{name}.png").stat().st_size > 10_000
+    out = tmp_path / f"{name}.png"
+    assert drv.save_screenshot(str(out))
+    assert out.stat().st_size > 10_000
+
+
+def _repo_files() -> str:
+    """`git status` of docs/screenshots/ (their old home): the test must leave it as it
+    was."""
+    r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--",
+                        "docs/screenshots"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else ""
 
 
 def test_pages_render(server, browser, tmp_path):
     url, rs = server
+    before = _repo_files()
     tr, va = rs.metrics("train"), rs.metrics("val")
     steps = [int(s) for s in rs.steps()]
+    full = [int(s) for s in rs.steps("full")]
+    assert 6 in steps and 6 not in full  # a summary-only capture
 
     body = _load(browser, url, "training", ".js-plotly-plot", "Train loss", n=4)
     assert f"{tr['loss'][-1]:.4f}" in body and f"{va['loss'][-1]:.4f}" in body
-    assert "finished" in body and "6/6 captures" in body
+    captures = (f"{len(steps)} ({len(full)} full) · {len(rs.snapshot_steps())} snapshots")
+    assert "finished" in body and captures in body
+    assert "captures " + captures in body  # the sidebar's run summary too
     assert _plot_titles(browser) == ["Loss", "Learning rate", "Gradient norm",
                                      "Tokens per second"]
     _shot(browser, "training", tmp_path)
@@ -146,16 +157,23 @@ def test_pages_render(server, browser, tmp_path):
     _shot(browser, "neurons", tmp_path)
 
     body = _load(browser, url, "attention", ".js-plotly-plot", "Probe sequence", n=2)
-    assert _plot_titles(browser) == [f"Layer 0, head 0, step {steps[-1]}, sequence 0",
-                                     f"All {rs.n_heads} heads of layer 0 at step {steps[-1]}"]
+    assert _plot_titles(browser) == [f"Layer 0, head 0, step {full[-1]}, sequence 0",
+                                     f"All {rs.n_heads} heads of layer 0 at step {full[-1]}"]
+    assert "Step (full captures)" in body
+    assert f"The first {rs.attn_len} of {rs.seq_len} query and key positions" in body
     _shot(browser, "attention", tmp_path)
 
-    body = _load(browser, url, "dynamics", ".js-plotly-plot", "Neuron logit effects", n=4)
+    body = _load(browser, url, "dynamics", ".js-plotly-plot", "Neuron logit effects", n=5)
     t = _plot_titles(browser)
     assert t[:2] == ["induction of every head by step", "Highest induction in each layer"]
+    assert "In-context-learning score by step" in t
     assert "No induction phase change yet" in body
     _shot(browser, "dynamics", tmp_path)
 
-    body = _load(browser, url, "store", "[data-testid='stDataFrame']", "schema version 1")
-    assert f"{len(rs.arrays(sizes=False))} arrays" in body
+    body = _load(browser, url, "store", "[data-testid='stDataFrame']", "schema version 2", n=2)
+    assert f"{len(rs.arrays(sizes=False))} arrays" in body and "Captures and snapshots" in body
     _shot(browser, "store", tmp_path)
+
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "attention.png", "dynamics.png", "neurons.png", "store.png", "training.png"]
+    assert _repo_files() == before, "the test changed files under docs/screenshots/"

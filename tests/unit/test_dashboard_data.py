@@ -48,3 +48,166 @@ def test_no_torch_import():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- v2 stores
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ACT_HOOK, STAT_HOOK = "blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"
+
+
+def write_store(run, steps, full, *, snapshots=(), induction=None, icl=None, attn_len=4,
+                status="finished"):
+    """A small schema-2 store at run/capture.zarr, written through StoreWriter as the
+    capture writer does: every step a summary capture (tokens, statistics and top-k of both
+    hooks, head scores, logit lens, per-token loss and ICL score), the `full` ones also the
+    activations of ACT_HOOK, layer 1's attention and layer 0's neuron logit effects
+    (committed SUMMARY | FULL); weight snapshots at `snapshots`. Values are functions of
+    the slot, so a test can tell them apart."""
+    from store.schema import FULL, STATS, SUMMARY, Layout
+    from store.writer import StoreWriter
+
+    L, H, P, T, K, M = 2, 2, 2, 8, 2, 8
+    widths = {ACT_HOOK: 4, STAT_HOOK: M}
+    probe = (np.arange(P * T, dtype=np.int32).reshape(P, T) + 100)
+    lay = Layout(n_seqs=P, seq_len=T, act_hooks={ACT_HOOK: 4}, stat_hooks=widths, topk=K,
+                 attn_layers=[1], n_heads=H, attn_seqs=1, attn_len=attn_len,
+                 max_steps=max(steps), world=1, source="probe",
+                 attrs={"model": {"n_layer": L, "n_embd": 4}}, probe_tokens=probe,
+                 n_layers=L, head_scores=["entropy", "prev_token", "duplicate", "induction"],
+                 logit_lens=True, repeated_tokens=np.tile(np.arange(4, dtype=np.int32), (2, 2)),
+                 token_loss=True, dla_layers=[0], d_mlp=M, dla_k=K)
+    w = StoreWriter.create_or_open(str(run / "capture.zarr"), lay, durable=False)
+    for slot, step in enumerate(steps):
+        w.reserve(slot)
+        w.write_tokens(slot, 0, probe)
+        is_full = step in full
+        if is_full:
+            acts = (np.arange(P * T * 4).reshape(P, T, 4) % 7 + slot).astype(np.float16)
+            w.write_acts(ACT_HOOK, slot, 0, acts)
+            pat = np.tril(np.full((H, T, T), 0.1 + 0.01 * slot, np.float16))
+            w.write_attn(1, slot, 0, pat)  # a whole [H, T, T]: the writer cuts it to attn_len
+            tok = np.tile(np.arange(K, dtype=np.int32), (M, 1)) + slot
+            val = np.tile(np.array([2.0, 1.0], np.float32), (M, 1)) + slot
+            w.write_dla(0, slot, tok, val, tok, -val)
+        for hook, d in widths.items():
+            w.write_stats(hook, slot, {k: np.full(d, slot + i, np.float32)
+                                       for i, k in enumerate(STATS)})
+            idx = np.tile(np.array([T + 5, 3], np.int32), (d, 1))  # (seq 1, pos 5), (0, 3)
+            w.write_topk(hook, slot, np.tile(np.array([9.0, 8.0], np.float32), (d, 1)), idx)
+        sc = {k: np.full((L, H), 0.1, np.float32) for k in lay.head_scores}
+        if induction is not None:
+            sc["induction"][1, 0] = induction[slot]
+        w.write_head_scores(slot, sc)
+        w.write_lens(slot, np.array([5.0, 4.0], np.float32) - slot * 0.1)
+        loss = np.full((P, T), 3.0 - slot * 0.1, np.float32)
+        loss[:, 0] = np.nan
+        w.write_token_loss(slot, loss, -0.05 * slot if icl is None else icl[slot])
+        w.mark_done(slot, 0)
+        w.commit(slot, step, SUMMARY | FULL if is_full else SUMMARY)
+    for s in snapshots:
+        w.write_snapshot(s, {"model.safetensors": b"x" * 64, "config.json": b"{}"})
+    S = max(steps)
+    if S:
+        s = np.arange(1, S + 1)
+        w.write_metrics("train", s, {"loss": 10 / np.sqrt(s), "lr": np.full(S, 6e-4),
+                                     "grad_norm": np.ones(S), "tokens_per_s": np.full(S, 1e3)})
+    w.set_status(status)
+    w.close()
+    return run
+
+
+@pytest.fixture
+def v2(tmp_path):
+    from store.reader import RunStore
+    write_store(tmp_path / "run", [0, 10, 20, 30, 40], full=[0, 20, 40], snapshots=[0, 25, 40])
+    return RunStore(tmp_path / "run" / "capture.zarr")
+
+
+def test_run_summary_counts_captures_full_and_snapshots(v2):
+    from dashboard.data import run_summary, summary_line
+    s = run_summary(v2.url)
+    assert (s["captured"], s["full"], s["snapshots"], s["max_steps"]) == (5, 3, 3, 40)
+    assert "scheduled" not in s
+    assert summary_line(s) == ("finished · 2 layers x 4 · captures 5 (3 full) · 3 snapshots · "
+                               "40 steps planned")
+    bad = run_summary(str(v2.url) + "-missing")
+    assert bad["error"] and summary_line(bad).startswith("cannot be read: ")
+
+
+def test_training_data_and_captures_line(v2):
+    from dashboard.data import captures_line, training_data
+    d = training_data(v2)
+    assert d["captured"].tolist() == [0, 10, 20, 30, 40]
+    assert d["full"].tolist() == [0, 20, 40] and d["snapshots"].tolist() == [0, 25, 40]
+    assert captures_line(11, 7, 9) == "11 (7 full) · 9 snapshots"
+    assert captures_line(1, 0, 1) == "1 (0 full) · 1 snapshot"
+
+
+def test_captures_table_lists_tiers_and_snapshots(v2):
+    from dashboard.data import captures_table
+    df = captures_table(v2)
+    assert df["step"].tolist() == [0, 10, 20, 25, 30, 40]  # 25: a snapshot, no capture
+    assert df["tiers"].tolist() == ["summary, full", "summary", "summary, full", "",
+                                    "summary", "summary, full"]
+    assert df["snapshot"].tolist() == [True, False, False, True, False, True]
+
+
+def test_nearest_full_prefers_at_or_after(v2, tmp_path):
+    from dashboard.data import nearest_full
+    from store.reader import RunStore
+    assert [nearest_full(v2, s) for s in (0, 10, 20, 30, 35, 40, 99)] == [0, 20, 20, 40, 40,
+                                                                          40, 40]
+    write_store(tmp_path / "none", [0, 10], full=[])
+    assert nearest_full(RunStore(tmp_path / "none" / "capture.zarr"), 5) is None
+
+
+def test_top_tokens_reads_activations_at_full_steps_only(v2, monkeypatch):
+    from dashboard.data import make_decoder, top_tokens
+    from store.reader import RunStore
+    dec = make_decoder(None)
+    asked = []
+    real = RunStore.activations
+
+    def spy(self, hook, step, seq=None):
+        asked.append(step)
+        return real(self, hook, step, seq)
+
+    monkeypatch.setattr(RunStore, "activations", spy)
+    # a full step: the context is coloured from the stored activations
+    rows = top_tokens(v2, ACT_HOOK, 20, 1, dec)
+    assert asked == [20, 20] and all(r["from_acts"] for r in rows)
+    a = v2.activations(ACT_HOOK, 20, 1)[:, 1].astype(np.float32)
+    assert rows[0]["seq"] == 1 and rows[0]["pos"] == 5 and rows[0]["start"] == 0
+    np.testing.assert_allclose(rows[0]["acts"], a[0:8])
+    assert rows[0]["tokens"] == [f"#{t}" for t in v2.probe_tokens()[1, 0:8]]
+    # a summary step: the activations are never asked for; only the top token has a value
+    asked.clear()
+    rows = top_tokens(v2, ACT_HOOK, 30, 1, dec)
+    assert asked == [] and not any(r["from_acts"] for r in rows)
+    assert rows[0]["acts"][5] == 9.0 and np.isnan(rows[0]["acts"][4])
+    # a hook with statistics only, even at a full step
+    rows = top_tokens(v2, STAT_HOOK, 20, 1, dec)
+    assert asked == [] and not any(r["from_acts"] for r in rows) and len(rows) == 2
+
+
+def test_attention_data_labels_cut_to_attn_len(v2):
+    from dashboard.data import attention_data, make_decoder
+    from store.errors import StoreError
+    assert (v2.attn_len, v2.seq_len) == (4, 8)
+    d = attention_data(v2, 1, 40, 0, make_decoder(None))
+    assert d["pattern"].shape == (2, 4, 4)
+    assert d["labels"] == [f"{i}:'#{100 + i}'" for i in range(4)]
+    with pytest.raises(StoreError, match="summary capture only"):
+        attention_data(v2, 1, 30, 0, make_decoder(None))
+
+
+def test_icl_data_is_the_stores(v2):
+    from dashboard.data import icl_data
+    df = icl_data(v2)
+    steps, score = v2.icl()
+    assert df["step"].tolist() == steps.tolist() == [0, 10, 20, 30, 40]
+    np.testing.assert_allclose(df["icl"], score)
+    np.testing.assert_allclose(score, [0, -0.05, -0.1, -0.15, -0.2], atol=1e-6)
