@@ -18,8 +18,7 @@ from helpers import BPE, ROOT, run_cli
 from store.reader import RunStore
 from store.writer import StoreWriter
 
-sys.path.insert(0, str(ROOT / "tests" / "unit"))
-from test_dashboard_data import ACT_HOOK, write_store  # noqa: E402
+from store_fixture import ACT_HOOK, write_store  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
