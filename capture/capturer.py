@@ -168,14 +168,16 @@ class Capturer:
                 for name in ("duplicate", "induction")}
 
     def _dla(self, model, unembed) -> dict:
-        """Each MLP neuron's direct logit effects (rank 0 computes; every rank gathers the
-        weights: collectives). Full captures only: a product with the whole unembedding."""
+        """Each MLP neuron's direct logit effects, for the layers this rank owns (layer %
+        world == rank: each writes its own layers' chunks, so the [d_mlp, vocab] products
+        are shared out). Every rank gathers every layer's W_out (collectives). Full
+        captures only: each is a product with the whole unembedding."""
         W_U = unembed[0] if unembed is not None else full_tensor(model.lm_head.weight)
         ln_w = full_tensor(model.ln_final.weight)
         out = {}
         for layer in self.spec.dla_layers:
             W_out = full_tensor(model.blocks[layer].mlp.c_proj.weight)  # [d_model, d_mlp]
-            if self.info.is_main:
+            if layer % self.info.world == self.info.rank:
                 tv, ti, bv, bi = dynamics.neuron_logit_effects(W_out.t(), ln_w, W_U,
                                                                self.spec.dla_k)
                 out[layer] = (ti.to(torch.int32).cpu().numpy(), tv.cpu().numpy(),
@@ -208,8 +210,8 @@ class Capturer:
                     store.write_lens(slot, lens)
                 if loss is not None:
                     store.write_token_loss(slot, loss, icl_score(loss))
-                for layer, parts in dla.items():
-                    store.write_dla(layer, slot, *parts)
+            for layer, parts in dla.items():  # this rank's layers
+                store.write_dla(layer, slot, *parts)
             store.mark_done(slot, rank)
             if is_main:
                 t0 = time.monotonic()

@@ -1,14 +1,19 @@
 """Write one captured step out of a run's store as plain files.
 
     python -m capture.export --step N [--run-dir RUN | --store URL] [--hook NAME ...]
-                             [--format pt|npy|safetensors|saelens] [--out DIR] [--list]
+                             [--format pt|npy|safetensors|saelens|hf] [--out DIR] [--list]
 
 Where the store is: `--store` takes a path or an fsspec URL (s3://..., file://...);
 `--run-dir RUN` reads RUN/capture.zarr; with neither, the most recently modified folder
 under ./runs that holds a capture.zarr (the one picked is named on stderr).
 
-`--list` prints what the store holds (captured steps, hooks with their shapes, attention
-layers, source, status) and needs no `--step`.
+`--list` prints what the store holds (captured steps and the tier of each: F marks a full
+capture, with activations and attention, the others are summary captures, statistics only;
+the weight snapshot steps; hooks with their shapes; attention layers; source, status) and
+needs no `--step`.
+
+The activation formats read a full capture: a step with a summary capture only is refused
+(one line naming the nearest full steps). `--format hf` reads the weight snapshot instead.
 
 What an export of step N writes (default --out: RUN/exports, or ./exports with --store),
 for every hook chosen (default all; `--hook` repeats and takes fnmatch patterns such as
@@ -28,6 +33,16 @@ as stored and token ids are int64:
                  (Array2D float32 [T, D]) and "token_ids" (int32 [T]); exactly one --hook
                  (a name, or a pattern matching one hook); see capture/interop.py
 
+  hf           the model's weights at step N (a weight snapshot step, see --list) as a
+                 Hugging Face GPT-2 folder: {out}/config.json, generation_config.json,
+                 model.safetensors (float32, from the bf16/fp16 snapshot) and the GPT-2
+                 tokenizer files when the run's tokenizer can be found (--tokenizer-file,
+                 else the run's; else the weights only, with a warning), which
+                 `transformers.GPT2LMHeadModel.from_pretrained(out)` loads. Here --out is
+                 the model folder itself (default: RUN/exports/step_{N}/hf, or
+                 ./exports/step_{N}/hf with --store); --hook does not apply. Attention-only
+                 and untied (model.tie_embeddings=false) models have no such export.
+
 and, whenever `blocks.4.hook_resid_post` (the block-4 output) is among the hooks exported,
 whatever the format (but saelens, which writes its folder only), the seeds' file
 
@@ -38,14 +53,16 @@ whatever the format (but saelens, which writes its folder only), the seeds' file
 (source "probe"), or the live training micro-batch (source "train").
 
 Every file is written under a temporary name in its final folder and renamed into place
-(the saelens folder is built in a hidden sibling folder and renamed), so an interrupted
+(the saelens folder is built in a hidden sibling folder and renamed; the hf folder is built
+in a hidden sibling folder, each file then renamed into --out), so an interrupted
 export never leaves a partial file under a final name. Activations are read one chunk of
 the store at a time (one sequence, in schema 1) into a file-backed staging array next to
 the outputs (saelens: into the dataset writer), so memory stays bounded however large the
 capture; a progress bar over hooks x sequences shows when the export is large.
 
-Bad input (uncaptured step, unknown hook, missing run dir or store, a store of a newer
-schema, a corrupt store): one line `error: ...` on stderr and exit status 2.
+Bad input (uncaptured step, a summary-only step for activations, a step without a weight
+snapshot for hf, unknown hook, missing run dir or store, a store of a newer schema, a
+corrupt store): one line `error: ...` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -54,6 +71,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -80,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m capture.export",
                 description="Write one captured step of a run's activation store as files.",
                 epilog=files, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--step", type=int, help="training step to export (a captured one)")
+    p.add_argument("--step", type=int,
+                   help="training step to export (a full capture; a snapshot step for hf)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--run-dir", type=Path,
                        help="run folder holding capture.zarr (default: the most recently "
@@ -88,12 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--store", help="the store itself: a path or an fsspec URL")
     p.add_argument("--hook", action="append", default=None, metavar="NAME",
                    help="hook name or fnmatch pattern; repeatable (default: every stored hook)")
-    p.add_argument("--format", choices=("pt", "npy", "safetensors", "saelens"), default="pt",
-                   help="file format (default: pt); saelens needs exactly one --hook")
+    p.add_argument("--format", choices=("pt", "npy", "safetensors", "saelens", "hf"),
+                   default="pt", help="file format (default: pt); saelens needs exactly one "
+                   "--hook; hf writes the model's weights at a snapshot step")
     p.add_argument("--out", type=Path,
-                   help="output folder (default: RUN/exports, or ./exports with --store)")
+                   help="output folder (default: RUN/exports, or ./exports with --store); "
+                        "for hf, the model folder itself")
+    p.add_argument("--tokenizer-file", default=None, metavar="PATH",
+                   help="hf: GPT-2 BPE file in tiktoken's format (default: the run's)")
     p.add_argument("--list", action="store_true",
-                   help="list the captured steps, hooks and attention layers, and exit")
+                   help="list the captured steps with their tiers, the snapshot steps, hooks "
+                        "and attention layers, and exit")
     return p
 
 
@@ -177,26 +201,58 @@ def _one_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- listing
 
 
-def _fmt_steps(steps: np.ndarray, short: int = 12) -> str:
+def _fmt_steps(steps: np.ndarray, full: np.ndarray | None = None, short: int = 12) -> str:
+    """The captured steps in one line; with `full` (the full captures' steps) each full
+    step is marked F: "5 captured (3 full): 0F, 1F, 2F, 3, 6"."""
     n = len(steps)
     if n == 0:
         return "0 captured (none committed yet)"
+    if full is None:
+        if n <= short:
+            return f"{n} captured: {', '.join(str(int(s)) for s in steps)}"
+        return f"{n} captured, first {int(steps[0])}, last {int(steps[-1])}"
+    is_full = set(int(s) for s in full)
+
+    def mark(s) -> str:
+        return f"{int(s)}{'F' if int(s) in is_full else ''}"
+
+    head = f"{n} captured ({len(is_full)} full)"
     if n <= short:
-        return f"{n} captured: {', '.join(str(int(s)) for s in steps)}"
-    return f"{n} captured, first {int(steps[0])}, last {int(steps[-1])}"
+        return f"{head}: {', '.join(mark(s) for s in steps)}"
+    return (f"{head}: {', '.join(mark(s) for s in steps[:8])}, ..., "
+            f"{', '.join(mark(s) for s in steps[-3:])}")
+
+
+def _fmt_snapshots(steps: list[int], short: int = 12) -> str:
+    if not steps:
+        return "none (capture.snapshot_every was 0, or none was written yet)"
+    if len(steps) <= short:
+        return ", ".join(map(str, steps))
+    return (f"{len(steps)}: {', '.join(map(str, steps[:8]))}, ..., "
+            f"{', '.join(map(str, steps[-3:]))}")
 
 
 def list_store(rs, url: str) -> None:
     P, T = rs.n_seqs, rs.seq_len
     print(f"store: {url}")
     print(f"schema: {rs.schema_version}  status: {rs.status}  source: {rs.source}")
-    print(f"steps: {_fmt_steps(np.asarray(rs.steps()))}")
+    steps = np.asarray(rs.steps())
+    print(f"steps: {_fmt_steps(steps, np.asarray(rs.steps('full')))}")
+    if len(steps):
+        print("  (F: full capture, with activations and attention; unmarked: summary "
+              "capture, statistics only)")
+    print(f"snapshots: {_fmt_snapshots(list(rs.snapshot_steps()))} (model weights: "
+          f"--format hf)")
     print(f"sequences: {P} x {T} tokens per capture")
-    hooks = rs.hooks
-    print(f"hooks ({len(hooks)}), activations per step [P, T, D] float16:")
+    hooks = rs.act_hooks
+    print(f"hooks ({len(hooks)}), activations per full capture [P, T, D] float16:")
     width = max((len(h) for h in hooks), default=0)
     for h, d in hooks.items():
         print(f"  {h:<{width}}  [{P}, {T}, {d}]")
+    stat_only = {h: d for h, d in rs.hooks.items() if h not in hooks}
+    if stat_only:
+        print(f"statistics only ({len(stat_only)}): "
+              f"{', '.join(f'{h} [{d}]' for h, d in stat_only.items())}")
     layers = list(rs.attn_layers)
     if layers:
         print(f"attention: layers {', '.join(str(x) for x in layers)} "
@@ -209,8 +265,11 @@ def list_store(rs, url: str) -> None:
 
 
 def check_step(rs, step: int) -> None:
+    """`step` is a full capture (the activation formats read one); a one-line UserError
+    naming the nearest captured steps, or the nearest full ones for a summary capture."""
     steps = np.asarray(rs.steps())
     if step in set(int(s) for s in steps):
+        rs.slot(step, "full")  # StoreError (reported as one line) when summary only
         return
     if len(steps) == 0:
         raise UserError(f"step {step} was not captured: the store has no committed "
@@ -225,12 +284,19 @@ def check_step(rs, step: int) -> None:
                     f"{', '.join(near)} (--list shows all {len(steps)})")
 
 
-def choose_hooks(stored: list[str], wanted: list[str] | None) -> list[str]:
+def choose_hooks(stored: list[str], wanted: list[str] | None,
+                 stat_only: list[str] = ()) -> list[str]:
+    """The hooks (with stored activations) `wanted` names or matches, in order; `stat_only`:
+    hooks with statistics only, named in the error when a pattern matches only those."""
     if not wanted:
         return list(stored)
     chosen: list[str] = []
     for pat in wanted:
         hits = [h for h in stored if fnmatch.fnmatchcase(h, pat)]
+        if not hits and any(fnmatch.fnmatchcase(h, pat) for h in stat_only):
+            raise UserError(f"hook {pat!r} has statistics only (full captures keep the "
+                            f"activations of capture.hooks); hooks with activations: "
+                            f"{', '.join(stored) or '(none)'}")
         if not hits:
             raise UserError(f"hook {pat!r} is not in the store; stored hooks: "
                             f"{', '.join(stored) or '(none)'}")
@@ -370,12 +436,84 @@ def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Pa
     return written
 
 
+# ----------------------------------------------------------------------------- hf
+
+
+def export_hf(rs, run_dir: Path | None, step: int, out: Path,
+              tokenizer_file: str | None) -> Path:
+    """The weight snapshot at `step` as a Hugging Face GPT-2 folder at `out`."""
+    # The export CLI reads the store and needs no trainer; the model class (trainer.model,
+    # via trainer.hf and trainer.snapshots) is needed for this format only, so the trainer
+    # is imported here and not at the top of this module.
+    try:
+        from trainer import hf
+        from trainer.config import UserError as TrainerUserError
+        from trainer.snapshots import load_snapshot
+    except ImportError as e:  # capture installed without this project's trainer
+        raise UserError(f"--format hf needs this project's trainer package: {e}") from None
+    try:
+        hf._transformers()  # fail before the weights are read when it is not installed
+        hf.quiet_cli()  # no progress bars or advisory warnings from transformers
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a folder")
+        model, mcfg, step = load_snapshot(rs, step)
+        hf.hf_config(mcfg)  # attention-only or untied: one line, before anything is written
+        encoding = _hf_encoding(rs, run_dir, tokenizer_file)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            hf.save_hf(model, tmp, encoding=encoding)
+            out.mkdir(exist_ok=True)
+            for f in sorted(tmp.iterdir()):  # each file whole under its final name
+                os.replace(f, out / f.name)
+        except OSError as e:
+            raise UserError(f"cannot write {out}: {type(e).__name__}: {_one_line(e)}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except TrainerUserError as e:
+        raise UserError(str(e)) from None
+    print(f"exported the weights of step {step} ({mcfg.num_params() / 1e6:.2f}M parameters, "
+          f"from its weight snapshot) as a Hugging Face GPT-2 folder"
+          f"{'' if encoding is not None else ' (no tokenizer files)'}", file=sys.stderr)
+    return out
+
+
+def _hf_encoding(rs, run_dir: Path | None, tokenizer_file: str | None):
+    """The run's tiktoken encoding for the tokenizer files: --tokenizer-file, else the run's
+    (RUN/config.toml, or the run config the store keeps), as trainer.export_hf finds it;
+    None, with a warning, when there is none to be had."""
+    from trainer.config import UserError as TrainerUserError
+    from trainer.config import from_dict, load_run_config
+    from trainer.generate import resolve_encoding
+    from trainer.tokenizer import get_encoding
+
+    if tokenizer_file:  # asked for explicitly: a bad file is an error
+        return get_encoding(tokenizer_file)
+    cfg = None
+    try:
+        if run_dir is not None and (run_dir / "config.toml").is_file():
+            cfg = load_run_config(run_dir)
+        elif isinstance(rs.attrs.get("run"), dict):
+            cfg = from_dict(rs.attrs["run"])
+    except (TrainerUserError, ValueError, TypeError, KeyError):
+        cfg = None  # then tiktoken's own, below
+    try:
+        return resolve_encoding(cfg, None) if cfg is not None else get_encoding("")
+    except TrainerUserError as e:
+        print(f"warning: exporting without tokenizer files: {e}", file=sys.stderr)
+        return None
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def run(args) -> int:
     if not args.list and args.step is None:
         raise UserError("--step N is required (or --list to see the captured steps)")
+    if not args.list and args.format == "hf" and args.hook:
+        raise UserError("--hook does not apply to --format hf: it exports the model's "
+                        "weights (a snapshot step), not activations")
     if not args.list and args.format == "saelens" and len(args.hook or []) != 1:
         raise UserError(f"--format saelens writes one hook: pass exactly one --hook NAME "
                         f"(got {len(args.hook or [])}; --list shows the stored hooks)")
@@ -389,8 +527,16 @@ def run(args) -> int:
                 print(note, file=sys.stderr)
             list_store(rs, url)
             return 0
+        if args.format == "hf":
+            out = args.out or ((run_dir / "exports") if run_dir is not None
+                               else Path("exports")) / f"step_{args.step}" / "hf"
+            if note:
+                print(note, file=sys.stderr)
+            print(export_hf(rs, run_dir, args.step, out, args.tokenizer_file))
+            return 0
         check_step(rs, args.step)
-        hooks = choose_hooks(list(rs.hooks), args.hook)
+        hooks = choose_hooks(list(rs.act_hooks), args.hook,
+                             [h for h in rs.hooks if h not in rs.act_hooks])
         if args.format == "saelens" and len(hooks) != 1:
             raise UserError(f"--format saelens writes one hook, and --hook chose "
                             f"{len(hooks)}: {', '.join(hooks)}; pass exactly one --hook NAME")

@@ -365,11 +365,11 @@ class Layout:
             for end, order in (("top", "most promoted, descending"),
                                ("bottom", "most suppressed, ascending")):
                 add(f"dla/{layer}/{end}_token", (C, M, K), "int32", (1, M, K), -1, True,
-                    ("capture", "neuron", "k"), "rank 0",
+                    ("capture", "neuron", "k"), "rank layer % W",
                     f"the K tokens each neuron of layer {layer}'s MLP {order} "
                     f"directly (W_out through ln_final and W_U)", tier="full")
                 add(f"dla/{layer}/{end}_value", (C, M, K), "float32", (1, M, K), math.nan,
-                    True, ("capture", "neuron", "k"), "rank 0",
+                    True, ("capture", "neuron", "k"), "rank layer % W",
                     "their direct logit effects per unit of activation", tier="full")
         return out
 

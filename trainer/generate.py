@@ -1,10 +1,16 @@
-"""Sample text from a run's checkpoint, with the perplexity of what was sampled.
+"""Sample text from a run's checkpoint or weight snapshot, with the perplexity of what was
+sampled.
 
     python -m trainer.generate --run-dir runs/tiny --prompt "ROMEO:" --max-tokens 64 \
         --temperature 0.8 --top-k 50 [--seed 1337] [--step N] [--num-samples 3] \
-        [--tokenizer-file ../shared/data/gpt2.tiktoken] [--device auto]
+        [--tokenizer-file ../shared/data/gpt2.tiktoken] [--device auto] [--ids]
 
 The model's shape comes from the run (its config.toml and checkpoint), never from flags.
+`--step N` loads the checkpoint of step N when the run kept one, else the weight snapshot
+of step N in the run's capture store (bf16 weights computed in float32; every snapshot step
+loads, whatever checkpoint.keep_last pruned); the first line says which it used. Without
+`--step`: the latest checkpoint (the latest snapshot when the run kept no checkpoint).
+`--ids` also prints each sample's token ids (prompt and continuation).
 `--top-k 1` (or `--temperature 0`) is greedy decoding. The perplexity printed for each sample
 is exp(mean NLL) of the generated tokens, each given everything before it (the prompt and
 the earlier generated tokens, cropped to the model's block_size the way sampling crops it).
@@ -84,7 +90,8 @@ def generate_samples(model, prompt_ids: list[int], max_tokens: int, temperature:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.generate", description="Sample text from a run's checkpoint."
+        prog="python -m trainer.generate",
+        description="Sample text from a run's checkpoint or weight snapshot."
     )
     p.add_argument("--run-dir", required=True, help="run dir of a training run (or import_hf)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -93,16 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest; "
                    "1 is greedy, 0 turns top-k off")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--step", type=int, default=None,
+                   help="step of a checkpoint or weight snapshot (default: latest checkpoint)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--tokenizer-file", default=None,
                    help="GPT-2 BPE file in tiktoken's format (default: the run's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--ids", action="store_true",
+                   help="also print each sample's token ids (prompt and continuation)")
     return p
 
 
 def run(args: argparse.Namespace) -> None:
-    from trainer.checkpoint import load_model
+    from trainer.snapshots import load_model_at
     from trainer.tokenizer import EOT
 
     if args.max_tokens < 1:
@@ -114,7 +124,8 @@ def run(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
 
-    model, cfg, step = load_model(args.run_dir, step=args.step, device=_device(args.device))
+    loaded = load_model_at(args.run_dir, step=args.step, device=_device(args.device))
+    model, cfg, step = loaded.model, loaded.cfg, loaded.step
     enc = resolve_encoding(cfg, args.tokenizer_file)
     prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
     too_big = [t for t in prompt_ids if t >= cfg.model.vocab_size]
@@ -125,12 +136,15 @@ def run(args: argparse.Namespace) -> None:
     tokens, nll = generate_samples(model, prompt_ids, args.max_tokens, args.temperature,
                                    args.top_k or None, args.num_samples, args.seed)
     greedy = args.top_k == 1 or args.temperature == 0
-    print(f"run {args.run_dir} step {step} | {'greedy' if greedy else 'sampling'} "
+    print(f"run {args.run_dir} step {step} ({loaded.where}) | "
+          f"{'greedy' if greedy else 'sampling'} "
           f"temperature {args.temperature} top-k {args.top_k or 'off'} seed {args.seed}")
     for i in range(args.num_samples):
         ppl = math.exp(nll[i].mean().item())
         print(f"--- sample {i + 1}/{args.num_samples} ---")
         print(enc.decode(tokens[i].tolist()))
+        if args.ids:
+            print("ids: " + " ".join(map(str, tokens[i].tolist())))
         print(f"perplexity: {ppl:.4f} ({nll.shape[1]} generated tokens)")
 
 

@@ -1,5 +1,9 @@
 """capture.export on a store the trainer wrote: every format holds the store's activations
-and the probe set's tokens; the seeds' file holds the block-4 output the model computes."""
+and the probe set's tokens; the seeds' file holds the block-4 output the model computes.
+
+The run's captures (summary every 3 steps, full every 6, both with the early steps 1, 2, 4
+below their cadence, step 0 and the last step): 0F 1F 2F 3 4F 6F, where F is a full
+capture (activations, attention) and 3 a summary capture (statistics only)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ SEEDS = "blocks.4.hook_resid_post"
 TRAIN = ["--max-steps", "6", "--model.n_layer=5", "--model.n_head=2", "--model.n_embd=32",
          "--model.block_size=32", "--train.micro_batch_size=4",
          "--train.global_batch_tokens=128", "--eval.every=0", "--capture.every=3",
+         "--capture.full_every=6",
          "--capture.probe_seqs=4", "--log.plot=false"]
 
 
@@ -39,17 +44,18 @@ def test_list(trained):
     r = ok(run_cli(["-m", "capture.export", "--list", "--run-dir", str(trained)]))
     rs = RunStore(str(trained / "capture.zarr"))
     steps = [int(s) for s in rs.steps()]
-    assert 3 in steps and 6 in steps  # every 3, and the final step
-    assert f"steps: {len(steps)} captured: {', '.join(map(str, steps))}" in r.stdout
-    for hook, D in rs.hooks.items():
+    assert steps == [0, 1, 2, 3, 4, 6] and list(rs.steps("full")) == [0, 1, 2, 4, 6]
+    assert "steps: 6 captured (5 full): 0F, 1F, 2F, 3, 4F, 6F\n" in r.stdout
+    assert f"snapshots: {', '.join(map(str, rs.snapshot_steps()))} " in r.stdout
+    for hook, D in rs.act_hooks.items():
         assert f"{hook}  " in r.stdout and f"[4, 32, {D}]" in r.stdout
-    assert SEEDS in rs.hooks
+    assert SEEDS in rs.act_hooks
     assert "status: finished" in r.stdout and "source: probe" in r.stdout
 
 
 @pytest.mark.parametrize("fmt", ["pt", "npy", "safetensors"])
 def test_export_each_format(trained, tmp_path, fmt):
-    step = 3
+    step = 4  # a full capture
     ok(run_cli(["-m", "capture.export", "--run-dir", str(trained), "--step", str(step),
                 "--format", fmt, "--out", str(tmp_path)]))
     rs = RunStore(str(trained / "capture.zarr"))
@@ -59,7 +65,9 @@ def test_export_each_format(trained, tmp_path, fmt):
     if fmt == "npy":
         tok = np.load(d / "tokens.npy")
         assert np.array_equal(tok, probe)
-    for hook, D in rs.hooks.items():
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [f"{h}.{fmt}" for h in rs.act_hooks] + (["tokens.npy"] if fmt == "npy" else []))
+    for hook, D in rs.act_hooks.items():
         want = rs.activations(hook, step)
         assert want.shape == (4, 32, D) and np.isfinite(want).all()
         if fmt == "pt":
@@ -100,4 +108,16 @@ def test_uncaptured_step_of_a_real_run(trained):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: step 5 was not captured"), r.stderr
-    assert "before: 3" in lines[0] and "after: 6" in lines[0]
+    assert "before: 4" in lines[0] and "after: 6" in lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["pt", "saelens"])
+def test_summary_step_of_a_real_run(trained, tmp_path, fmt):
+    """Step 3 has statistics only: an activation export names the nearest full captures."""
+    r = run_cli(["-m", "capture.export", "--run-dir", str(trained), "--step", "3",
+                 "--format", fmt, "--hook", SEEDS, "--out", str(tmp_path / "x")])
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines == ["error: step 3 has a summary capture only; its activations and "
+                     "attention are kept at full captures: nearest before 2, after 4"], r.stderr
+    assert not (tmp_path / "x").exists()

@@ -108,3 +108,78 @@ def test_cli_on_imported_run(tmp_path):
     r = _cli("--run-dir", str(tmp_path / "missing"), "--prompt", "x")
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def _store_with_snapshots(url: str, models: dict[int, GPT]) -> None:
+    """A capture store holding only weight snapshots (bf16), as a run writes them."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from capture.snapshot import snapshot_files
+    from store.schema import Layout
+    from store.writer import StoreWriter
+
+    layout = Layout(n_seqs=1, seq_len=4, act_hooks={}, topk=1, attn_layers=[], n_heads=1,
+                    attn_seqs=0, max_steps=10, world=1, source="train", attrs={})
+    w = StoreWriter.create_or_open(url, layout)
+    info = SimpleNamespace(rank=0, world=1, distributed=False, is_main=True,
+                           device=torch.device("cpu"))
+    for step, m in models.items():
+        w.write_snapshot(step, snapshot_files(m, asdict(m.cfg), step, "bf16", info))
+    w.close()
+
+
+def test_cli_on_a_weight_snapshot(tmp_path):
+    """--step N without a checkpoint of N samples from the weight snapshot of N in the
+    run's store (and says so); greedy decoding is the bf16 weights' own."""
+    pytest.importorskip("transformers")
+    if not BPE.is_file():
+        pytest.skip(f"{BPE} not found")
+    from trainer import checkpoint, import_hf
+    from trainer.config import UserError
+    from trainer.hf import to_hf
+    from trainer.snapshots import load_model_at
+
+    base = _tiny(seed=3, vocab_size=50257, block_size=64)
+    to_hf(base).save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    assert import_hf.main(["--hf", str(tmp_path / "hf"), "--run-dir", str(run),
+                           "--tokenizer-file", str(BPE)]) == 0  # a checkpoint at step 0
+    snap = _tiny(seed=4, vocab_size=50257, block_size=64)
+    _store_with_snapshots(str(run / "capture.zarr"), {0: _tiny(seed=9, vocab_size=50257,
+                                                               block_size=64), 5: snap})
+
+    # step 0: the checkpoint wins over the snapshot of the same step (full precision)
+    loaded = load_model_at(run, 0)
+    assert loaded.source == "checkpoint" and "checkpoints/step_00000000" in loaded.where
+    assert torch.equal(loaded.model.wte.weight, base.wte.weight)
+    # step 5: the snapshot, bf16-rounded, through load_model_at; checkpoint.load_model
+    # stays strict (checkpoints only: it never hands out rounded weights unasked)
+    want = snap.to(torch.bfloat16).float().eval()
+    loaded = load_model_at(run, 5)
+    assert (loaded.source, loaded.step) == ("snapshot", 5)
+    assert loaded.where == f"bf16 weight snapshot in {run / 'capture.zarr'}"
+    assert loaded.cfg.model == snap.cfg
+    for k, v in want.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    with pytest.raises(UserError, match="no complete checkpoint for step 5"):
+        checkpoint.load_model(run, 5)
+
+    r = _cli("--run-dir", str(run), "--step", "5", "--prompt", "ROMEO:", "--max-tokens", "10",
+             "--top-k", "1", "--ids", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith(f"run {run} step 5 (bf16 weight snapshot in ") and "greedy" in first
+    ids = [int(x) for x in re.search(r"^ids: (.*)$", r.stdout, re.M).group(1).split()]
+    prompt = [33676, 4720, 25]  # "ROMEO:" in GPT-2's BPE
+    assert ids[:3] == prompt and len(ids) == 13
+    assert ids == want.generate(torch.tensor([prompt]), 10, top_k=1)[0].tolist()
+    r = _cli("--run-dir", str(run), "--prompt", "x", "--max-tokens", "2", "--device", "cpu")
+    assert r.returncode == 0 and "step 0 (checkpoint " in r.stdout, r.stderr  # the latest
+
+    # a step with neither: one line naming both
+    r = _cli("--run-dir", str(run), "--step", "3", "--prompt", "x")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(
+        f"error: no checkpoint or weight snapshot for step 3 in {run} (checkpoint steps: 0; "
+        f"snapshot steps: 0, 5)"), r.stderr
