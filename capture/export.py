@@ -71,7 +71,6 @@ import argparse
 import fnmatch
 import json
 import os
-import shutil
 import struct
 import sys
 from pathlib import Path
@@ -442,67 +441,17 @@ def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Pa
 def export_hf(rs, run_dir: Path | None, step: int, out: Path,
               tokenizer_file: str | None) -> Path:
     """The weight snapshot at `step` as a Hugging Face GPT-2 folder at `out`."""
-    # The export CLI reads the store and needs no trainer; the model class (trainer.model,
-    # via trainer.hf and trainer.snapshots) is needed for this format only, so the trainer
-    # is imported here and not at the top of this module.
+    # The export CLI reads the store and needs no trainer; the model class (in the trainer)
+    # is needed for this format only, so the trainer is imported here, not at the top.
     try:
-        from trainer import hf
         from trainer.config import UserError as TrainerUserError
-        from trainer.snapshots import load_snapshot
+        from trainer.snapshots import save_snapshot_hf
     except ImportError as e:  # capture installed without this project's trainer
         raise UserError(f"--format hf needs this project's trainer package: {e}") from None
     try:
-        hf._transformers()  # fail before the weights are read when it is not installed
-        hf.quiet_cli()  # no progress bars or advisory warnings from transformers
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} exists and is not a folder")
-        model, mcfg, step = load_snapshot(rs, step)
-        hf.hf_config(mcfg)  # attention-only or untied: one line, before anything is written
-        encoding = _hf_encoding(rs, run_dir, tokenizer_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            hf.save_hf(model, tmp, encoding=encoding)
-            out.mkdir(exist_ok=True)
-            for f in sorted(tmp.iterdir()):  # each file whole under its final name
-                os.replace(f, out / f.name)
-        except OSError as e:
-            raise UserError(f"cannot write {out}: {type(e).__name__}: {_one_line(e)}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return save_snapshot_hf(rs, run_dir, step, out, tokenizer_file)
     except TrainerUserError as e:
         raise UserError(str(e)) from None
-    print(f"exported the weights of step {step} ({mcfg.num_params() / 1e6:.2f}M parameters, "
-          f"from its weight snapshot) as a Hugging Face GPT-2 folder"
-          f"{'' if encoding is not None else ' (no tokenizer files)'}", file=sys.stderr)
-    return out
-
-
-def _hf_encoding(rs, run_dir: Path | None, tokenizer_file: str | None):
-    """The run's tiktoken encoding for the tokenizer files: --tokenizer-file, else the run's
-    (RUN/config.toml, or the run config the store keeps), as trainer.export_hf finds it;
-    None, with a warning, when there is none to be had."""
-    from trainer.config import UserError as TrainerUserError
-    from trainer.config import from_dict, load_run_config
-    from trainer.generate import resolve_encoding
-    from trainer.tokenizer import get_encoding
-
-    if tokenizer_file:  # asked for explicitly: a bad file is an error
-        return get_encoding(tokenizer_file)
-    cfg = None
-    try:
-        if run_dir is not None and (run_dir / "config.toml").is_file():
-            cfg = load_run_config(run_dir)
-        elif isinstance(rs.attrs.get("run"), dict):
-            cfg = from_dict(rs.attrs["run"])
-    except (TrainerUserError, ValueError, TypeError, KeyError):
-        cfg = None  # then tiktoken's own, below
-    try:
-        return resolve_encoding(cfg, None) if cfg is not None else get_encoding("")
-    except TrainerUserError as e:
-        print(f"warning: exporting without tokenizer files: {e}", file=sys.stderr)
-        return None
 
 
 # ----------------------------------------------------------------------------- main

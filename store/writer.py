@@ -24,7 +24,7 @@ from ._common import (as_array, layout_of, local_path, now_iso, open_array, open
                       read_root, syncfs, url_str)
 from ._create import capacity, check_layout, create, done_slot, grow, list_keys, reconcile
 from .errors import StoreError, StoreNotFound
-from .schema import FULL, STATS, STATUSES, SUMMARY, TIERS, Layout
+from .schema import FULL, STATS, STATUSES, SUMMARY, Layout
 from .snapshots import delete_snapshot_marker, snapshot_steps, write_snapshot
 
 # Threads writing the chunks of one call (benchmarks/store_write.py: on 2 cores, 2 and 4

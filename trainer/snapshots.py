@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -217,3 +220,63 @@ def load_model_at(run_dir: str | Path, step: int | None = None,
         return Loaded(model, cfg, step, "checkpoint",
                       f"checkpoint {checkpoint.step_dir(run_dir, step)}")
     return load_run_snapshot(run_dir, cfg, int(step), device)
+
+
+# ----------------------------------------------------------------------------- hf
+
+
+def save_snapshot_hf(rs, run_dir: Path | None, step: int, out: Path,
+                     tokenizer_file: str | None) -> Path:
+    """The weight snapshot at `step` of store `rs` as a Hugging Face GPT-2 folder at `out`
+    (`python -m capture.export --format hf`), each file renamed into place whole."""
+    from trainer import hf
+
+    hf._transformers()  # fail before the weights are read when it is not installed
+    hf.quiet_cli()  # no progress bars or advisory warnings from transformers
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    model, mcfg, step = load_snapshot(rs, step)
+    hf.hf_config(mcfg)  # attention-only or untied: one line, before anything is written
+    encoding = _hf_encoding(rs, run_dir, tokenizer_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.save_hf(model, tmp, encoding=encoding)
+        out.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):  # each file whole under its final name
+            os.replace(f, out / f.name)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported the weights of step {step} ({mcfg.num_params() / 1e6:.2f}M parameters, "
+          f"from its weight snapshot) as a Hugging Face GPT-2 folder"
+          f"{'' if encoding is not None else ' (no tokenizer files)'}", file=sys.stderr)
+    return out
+
+
+def _hf_encoding(rs, run_dir: Path | None, tokenizer_file: str | None):
+    """The run's tiktoken encoding for the tokenizer files: --tokenizer-file, else the run's
+    (RUN/config.toml, or the run config the store keeps), as trainer.export_hf finds it;
+    None, with a warning, when there is none to be had."""
+    from trainer.config import from_dict
+    from trainer.generate import resolve_encoding
+    from trainer.tokenizer import get_encoding
+
+    if tokenizer_file:  # asked for explicitly: a bad file is an error
+        return get_encoding(tokenizer_file)
+    cfg = None
+    try:
+        if run_dir is not None and (run_dir / "config.toml").is_file():
+            cfg = load_run_config(run_dir)
+        elif isinstance(rs.attrs.get("run"), dict):
+            cfg = from_dict(rs.attrs["run"])
+    except (UserError, ValueError, TypeError, KeyError):
+        cfg = None  # then tiktoken's own, below
+    try:
+        return resolve_encoding(cfg, None) if cfg is not None else get_encoding("")
+    except UserError as e:
+        print(f"warning: exporting without tokenizer files: {e}", file=sys.stderr)
+        return None

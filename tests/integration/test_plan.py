@@ -4,11 +4,9 @@ written."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from helpers import run_cli
