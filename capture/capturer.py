@@ -23,11 +23,10 @@ import time
 import numpy as np
 import torch
 
-from capture import dynamics
-from capture._dist import DistLike, all_gather_cat, any_rank, barrier, full_tensor
+from capture._dist import DistLike, all_gather_cat, any_rank, barrier
 from capture.async_writer import AsyncWriter
 from capture.config import CaptureConfig
-from capture.forward import CaptureForward, gather_weights, reduce_dynamics
+from capture.forward import CaptureForward, reduce_dynamics, reduce_stats
 from capture.plan import fmt_bytes
 from capture.schedule import Schedule
 from capture.snapshot import snapshot_files
@@ -68,7 +67,8 @@ class Capturer:
         self.seq_start = info.rank * self.per_rank
         self.layout = layout
         self.fwd = CaptureForward(spec, layout.topk, layout.attn_seqs, layout.attn_len,
-                                  c.lens_tokens, c.batch_tokens, c.token_loss)
+                                  c.lens_tokens, c.batch_tokens, c.token_loss, info.rank,
+                                  info.world)
         if info.is_main:
             self.store = StoreWriter.create_or_open(url, layout)
             # Captures, snapshots and metrics after the step this run starts from are
@@ -130,59 +130,28 @@ class Capturer:
         info, spec, lay = self.info, self.spec, self.layout
         full = self.schedule.full(step) and bool(spec.act_hooks or lay.stored_attn_layers
                                                  or spec.dla_layers)
-        need_unembed = spec.dynamics or lay.token_loss
-        unembed = gather_weights(model) if need_unembed else None  # collectives
-        res = self.fwd.run(model, tokens, self.seq_start, full, unembed)
-        stats = {h: res.stats[h].reduce(info) for h in spec.stat_hooks}  # collectives
+        res = self.fwd.run(model, tokens, self.seq_start, full, self.repeated)
+        stats = reduce_stats(res, list(spec.stat_hooks), info)  # collectives
         heads = lens = None
         if spec.dynamics:
             heads, lens = reduce_dynamics(res, lay.n_seqs, info)  # collective
             if self.repeated is not None:
-                heads.update(self._repeated_scores(model))
-            heads = {k: v.contiguous().numpy() for k, v in heads.items()}
+                rep = res.repeated or self.fwd.run_repeated(
+                    model, self.repeated.to(info.device))
+                for name in ("duplicate", "induction"):
+                    heads[name] = torch.stack([rep[i][name] for i in range(spec.n_layers)])
+            heads = {k: v.float().cpu().contiguous().numpy() for k, v in heads.items()}
             lens = lens.numpy()
         loss = None
         if res.token_loss is not None:
             loss = all_gather_cat(res.token_loss, info).cpu().numpy()  # collective
-        dla = self._dla(model, unembed) if full and spec.dla_layers else {}
+        dla = res.dla  # this rank's layers (full captures)
         ready = None
         if info.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
         self._submit(step, full, tokens.to(torch.int32).cpu().numpy(), res, stats, heads,
                      lens, loss, dla, ready)
-
-    def _repeated_scores(self, model) -> dict[str, torch.Tensor]:
-        """Duplicate-token and induction scores on the repeated random-token probe: the same
-        R sequences on every rank (no reduction needed)."""
-        half, L, out = self.spec.repeat_half, self.spec.n_layers, {}
-
-        def pattern(i: int):
-            def hook(p, hook):
-                out[i] = dynamics.head_scores(None, p, half)
-            return hook
-        with model.hooks(fwd_hooks=[(f"blocks.{i}.attn.hook_pattern", pattern(i))
-                                    for i in range(L)]):
-            model(self.repeated.to(self.info.device), return_type=None)
-        return {name: torch.stack([out[i][name] for i in range(L)]).cpu()
-                for name in ("duplicate", "induction")}
-
-    def _dla(self, model, unembed) -> dict:
-        """Each MLP neuron's direct logit effects, for the layers this rank owns (layer %
-        world == rank: each writes its own layers' chunks, so the [d_mlp, vocab] products
-        are shared out). Every rank gathers every layer's W_out (collectives). Full
-        captures only: each is a product with the whole unembedding."""
-        W_U = unembed[0] if unembed is not None else full_tensor(model.lm_head.weight)
-        ln_w = full_tensor(model.ln_final.weight)
-        out = {}
-        for layer in self.spec.dla_layers:
-            W_out = full_tensor(model.blocks[layer].mlp.c_proj.weight)  # [d_model, d_mlp]
-            if layer % self.info.world == self.info.rank:
-                tv, ti, bv, bi = dynamics.neuron_logit_effects(W_out.t(), ln_w, W_U,
-                                                               self.spec.dla_k)
-                out[layer] = (ti.to(torch.int32).cpu().numpy(), tv.cpu().numpy(),
-                              bi.to(torch.int32).cpu().numpy(), bv.cpu().numpy())
-        return out
 
     def _submit(self, step, full, tok, res, stats, heads, lens, loss, dla, ready) -> None:
         slot, self.slot = self.slot, self.slot + 1

@@ -146,7 +146,7 @@ def logit_lens_losses(resids: list[torch.Tensor], ln_final: torch.nn.Module,
 
 @torch.no_grad()
 def neuron_logit_effects(W_out: torch.Tensor, ln_weight: torch.Tensor, W_U: torch.Tensor,
-                         k: int, chunk: int = 256
+                         k: int, chunk: int = 64
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct logit effect of each MLP neuron from the weights alone: the k tokens each
     neuron most promotes and most suppresses when it fires, not counting what later layers
@@ -165,7 +165,8 @@ def neuron_logit_effects(W_out: torch.Tensor, ln_weight: torch.Tensor, W_U: torc
 
         effect = (W_out - W_out.mean(-1, keepdim=True)) * ln_weight @ W_U.T   [d_mlp, vocab]
 
-    computed `chunk` neurons at a time, never the whole [d_mlp, vocab], in float32 whatever
+    computed `chunk` neurons at a time (64: the [chunk, vocab] block stays near the cache,
+    measured faster on CPU than 256 or 16), never the whole [d_mlp, vocab], in float32 whatever
     the input dtype. Returns (top_values [d_mlp, k], top_ids [d_mlp, k] int64,
     bottom_values [d_mlp, k], bottom_ids [d_mlp, k]): the k most promoted tokens (largest
     effect, descending) and the k most suppressed (smallest effect, ascending)."""

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from capture import dynamics
-from capture._dist import DistLike, all_gather_cat, all_reduce_sum, full_tensor
+from capture._dist import DistLike, all_gather_cat, all_reduce_sum
 from capture.spec import CaptureSpec
 
-LOSS_CHUNK = 1024  # rows of logits at a time: 1024 x 50257 fp32 = 206 MB
+LOSS_CHUNK = 64  # rows of logits at a time: 64 x 50257 fp32 = 13 MB, near the cache
 
 
 class _Stats:
@@ -55,24 +55,6 @@ class _Stats:
             i = i.gather(0, sel)
         self.tv, self.ti = v, i
 
-    def reduce(self, info: DistLike) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Over every rank: three all-reduces and two all-gathers."""
-        if info.distributed:
-            import torch.distributed as dist
-            dist.all_reduce(self.sums)
-            dist.all_reduce(self.lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(self.hi, op=dist.ReduceOp.MAX)
-        total, sq, active, count = self.sums
-        mean = total / count
-        std = (sq / count - mean.square()).clamp_min(0).sqrt()  # population std over tokens
-        stats = {"mean": mean, "std": std, "min": self.lo, "max": self.hi,
-                 "frac_active": active / count}
-        v, i = all_gather_cat(self.tv, info), all_gather_cat(self.ti, info)
-        v, sel = v.topk(min(self.k, v.shape[0]), dim=0)
-        i = i.gather(0, sel)
-        return ({n: x.float().cpu().numpy() for n, x in stats.items()},
-                v.t().contiguous().cpu().numpy(), i.t().contiguous().to(torch.int32).cpu().numpy())
-
 
 @dataclass
 class ForwardResult:
@@ -84,23 +66,37 @@ class ForwardResult:
     natural: torch.Tensor | None = None      # [L, 2, H] sums of entropy, prev_token
     lens: torch.Tensor | None = None         # [L, 2] sums of loss, count
     token_loss: torch.Tensor | None = None   # [n, T] (NaN at position 0)
+    repeated: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer ->
+    dla: dict[int, tuple] = field(default_factory=dict)  # this rank's layers' logit effects
+
+
+def live_weight(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as the forward sees it. Inside a forward under FSDP2 the module's
+    parameters are the unsharded tensors already gathered for that forward (the root's
+    -- embeddings, final LayerNorm, unembedding -- for the whole forward, a block's during
+    its own), so hooks read them at no cost; a sharded one is all-gathered (a collective,
+    reached by every rank in the same order since hooks run in the same order)."""
+    from torch.distributed.tensor import DTensor
+    return p.full_tensor().detach() if isinstance(p, DTensor) else p.detach()
 
 
 class CaptureForward:
     """Runs one capture's forward on this rank. `seq_start`: the capture-wide index of the
-    first of `tokens`' sequences; `full`: also keep activations and patterns."""
+    first of `tokens`' sequences; `full`: also keep activations, patterns, logit effects."""
 
     def __init__(self, spec: CaptureSpec, k: int, attn_seqs: int, attn_len: int,
-                 lens_tokens: int, batch_tokens: int, token_loss: bool):
+                 lens_tokens: int, batch_tokens: int, token_loss: bool, rank: int = 0,
+                 world: int = 1):
         self.spec, self.k, self.attn_seqs, self.attn_len = spec, k, attn_seqs, attn_len
         self.lens_tokens, self.batch_tokens, self.want_loss = lens_tokens, batch_tokens, \
             token_loss
+        self.rank, self.world = rank, world
 
     @torch.no_grad()
     def run(self, model, tokens: torch.Tensor, seq_start: int, full: bool,
-            unembed: tuple | None) -> ForwardResult:
-        """`unembed`: (W_U, ln_final) gathered by the caller (collectives), or None when
-        neither the lens nor the token loss is wanted."""
+            repeated: torch.Tensor | None = None) -> ForwardResult:
+        """`repeated`: the repeated-token probe [R, 2n], run in the first batch when its
+        length is T (the caller runs it on its own otherwise: `run_repeated`)."""
         spec, dev = self.spec, tokens.device
         n, T = tokens.shape
         out = ForwardResult()
@@ -109,9 +105,9 @@ class CaptureForward:
         if spec.dynamics:
             out.natural = torch.zeros(L, 2, H, dtype=torch.float64, device=dev)
             out.lens = torch.zeros(L, 2, dtype=torch.float64, device=dev)
-        if unembed is not None and self.want_loss:
+        if self.want_loss:
             out.token_loss = torch.full((n, T), float("nan"), device=dev)
-        keep_attn = [lay for lay in spec.attn_layers] if full else []
+        keep_attn = list(spec.attn_layers) if full else []
         a_here = max(0, min(n, self.attn_seqs - seq_start)) if keep_attn else 0
         Ta = self.attn_len
         if full:
@@ -123,23 +119,40 @@ class CaptureForward:
         b = max(1, self.batch_tokens // T)
         for off in range(0, n, b):
             x = tokens[off:off + b]
-            hooks = self._hooks(out, off, x, seq_start, full, keep_attn, a_here, unembed,
-                                lens_rows)
+            first = off == 0
+            rep = repeated if first and repeated is not None and repeated.shape[1] == T \
+                else None
+            hooks = self._hooks(model, out, off, x.shape[0], x, seq_start, full and first,
+                                keep_attn, a_here, lens_rows, rep is not None)
+            batch = x if rep is None else torch.cat([x, rep.to(x.device)])
             with model.hooks(fwd_hooks=hooks):
-                model(x, return_type=None)
+                model(batch, return_type=None)
         return out
 
-    def _hooks(self, out: ForwardResult, off: int, x: torch.Tensor, seq_start: int,
-               full: bool, keep_attn: list[int], a_here: int, unembed, lens_rows):
+    def _hooks(self, model, out: ForwardResult, off: int, b: int, x: torch.Tensor,
+               seq_start: int, dla: bool, keep_attn: list[int], a_here: int, lens_rows,
+               with_repeated: bool):
+        """The hooks of one batch: rows :b are the probe's, rows b: the repeated probe."""
         spec, T = self.spec, x.shape[1]
-        b = x.shape[0]
         hooks = []
+        live: dict[str, object] = {}
+
+        def unembed():
+            """(W_U, the final LayerNorm in float32) from the live root parameters."""
+            if "W_U" not in live:
+                ln = model.ln_final
+                w = live_weight(ln.weight).float()
+                bias = live_weight(ln.bias).float() if ln.bias is not None else None
+                live["W_U"] = live_weight(model.lm_head.weight)
+                live["ln_w"] = w
+                live["ln"] = lambda h: F.layer_norm(h.float(), h.shape[-1:], w, bias, ln.eps)
+            return live["W_U"], live["ln"]
 
         def stat(name: str):
             def hook(a, hook):
-                a = a.reshape(b, T, -1)
+                a = a[:b].reshape(b, T, -1)
                 out.stats[name].add(a, (seq_start + off) * T)
-                if full and name in out.acts:
+                if name in out.acts:
                     _copy(out.acts[name][off:off + b], a)
             return hook
         hooks += [(h, stat(h)) for h in spec.stat_hooks]
@@ -147,27 +160,29 @@ class CaptureForward:
         def pattern(layer: int):
             def hook(p, hook):
                 if out.natural is not None:
-                    s = dynamics.head_scores(p, None, 0)
+                    s = dynamics.head_scores(p[:b], None, 0)
                     out.natural[layer, 0] += s["entropy"].double() * b
                     out.natural[layer, 1] += s["prev_token"].double() * b
+                if with_repeated:
+                    out.repeated[layer] = dynamics.head_scores(None, p[b:], spec.repeat_half)
                 keep = max(0, min(b, a_here - off))
                 if keep and layer in out.attn:
                     Ta = self.attn_len
                     _copy(out.attn[layer][off:off + keep], p[:keep, :, :Ta, :Ta])
             return hook
-        layers = sorted(set(range(spec.n_layers) if out.natural is not None else [])
-                        | set(keep_attn if a_here > off else []))
+        layers = sorted(set(range(spec.n_layers) if out.natural is not None or with_repeated
+                            else []) | set(keep_attn if a_here > off else []))
         hooks += [(f"blocks.{i}.attn.hook_pattern", pattern(i)) for i in layers]
 
-        if unembed is not None:
-            W_U, ln = unembed
+        if out.lens is not None or out.token_loss is not None:
             rows = lens_rows[(lens_rows >= off * (T - 1)) & (lens_rows < (off + b) * (T - 1))] \
                 - off * (T - 1)
             targets = x[:, 1:].reshape(-1)
 
             def resid(layer: int):
                 def hook(r, hook):
-                    h = r[:, :-1].reshape(-1, r.shape[-1])
+                    W_U, ln = unembed()
+                    h = r[:b, :-1].reshape(-1, r.shape[-1])
                     last = layer == spec.n_layers - 1
                     if last and out.token_loss is not None:
                         per = _token_ce(h, ln, W_U, targets)  # every token
@@ -183,7 +198,73 @@ class CaptureForward:
                 return hook
             layers = range(spec.n_layers) if out.lens is not None else [spec.n_layers - 1]
             hooks += [(f"blocks.{i}.hook_resid_post", resid(i)) for i in layers]
+
+        if dla:
+            def effects(layer: int):
+                def hook(a, hook):
+                    # Inside block `layer`'s forward its W_out is the gathered one.
+                    W_out = live_weight(model.blocks[layer].mlp.c_proj.weight)  # [d, d_mlp]
+                    W_U, _ = unembed()
+                    if layer % self.world == self.rank:
+                        tv, ti, bv, bi = dynamics.neuron_logit_effects(
+                            W_out.t(), live["ln_w"], W_U, spec.dla_k)
+                        out.dla[layer] = (ti.to(torch.int32).cpu().numpy(), tv.cpu().numpy(),
+                                          bi.to(torch.int32).cpu().numpy(), bv.cpu().numpy())
+                return hook
+            hooks += [(f"blocks.{i}.mlp.hook_post", effects(i)) for i in spec.dla_layers]
         return hooks
+
+    @torch.no_grad()
+    def run_repeated(self, model, repeated: torch.Tensor) -> dict[int, dict]:
+        """Duplicate-token and induction scores of every layer on the repeated probe, in a
+        forward of its own (the same R sequences on every rank: no reduction needed)."""
+        out: dict[int, dict] = {}
+
+        def pattern(i: int):
+            def hook(p, hook):
+                out[i] = dynamics.head_scores(None, p, self.spec.repeat_half)
+            return hook
+        with model.hooks(fwd_hooks=[(f"blocks.{i}.attn.hook_pattern", pattern(i))
+                                    for i in range(self.spec.n_layers)]):
+            model(repeated, return_type=None)
+        return out
+
+
+def reduce_stats(res: ForwardResult, names: list[str], info: DistLike
+                 ) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+    """Every hook's statistics over every rank, packed: three all-reduces and two
+    all-gathers in all (not five per hook), in the same order on every rank."""
+    st = [res.stats[n] for n in names]
+    if not st:
+        return {}
+    widths = [s.lo.numel() for s in st]
+    sums = torch.cat([s.sums for s in st], dim=1)
+    lo = torch.cat([s.lo for s in st])
+    hi = torch.cat([s.hi for s in st])
+    kk = min(s.tv.shape[0] for s in st)
+    tv = torch.cat([s.tv[:kk] for s in st], dim=1)
+    ti = torch.cat([s.ti[:kk] for s in st], dim=1)
+    if info.distributed:
+        import torch.distributed as dist
+        dist.all_reduce(sums)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    tv, ti = all_gather_cat(tv, info), all_gather_cat(ti, info)
+    out = {}
+    c = 0
+    for name, s, D in zip(names, st, widths):
+        total, sq, active, count = sums[:, c:c + D]
+        mean = total / count
+        std = (sq / count - mean.square()).clamp_min(0).sqrt()  # population std over tokens
+        stats = {"mean": mean, "std": std, "min": lo[c:c + D], "max": hi[c:c + D],
+                 "frac_active": active / count}
+        v, sel = tv[:, c:c + D].topk(min(s.k, tv.shape[0]), dim=0)
+        i = ti[:, c:c + D].gather(0, sel)
+        out[name] = ({k: x.float().cpu().numpy() for k, x in stats.items()},
+                     v.t().contiguous().cpu().numpy(),
+                     i.t().contiguous().to(torch.int32).cpu().numpy())
+        c += D
+    return out
 
 
 def _lens_rows(n: int, T: int, want: int, dev) -> torch.Tensor:
@@ -198,11 +279,15 @@ def _lens_rows(n: int, T: int, want: int, dev) -> torch.Tensor:
 
 def _token_ce(h: torch.Tensor, ln, W_U: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row next-token cross-entropy of residuals h [rows, d] through the final
-    LayerNorm and W_U, in float32, LOSS_CHUNK rows of logits at a time."""
+    LayerNorm and W_U, in float32, LOSS_CHUNK rows of logits at a time: logsumexp minus
+    the target's logit, which never writes the [rows, vocab] log-softmax (on CPU about a
+    quarter faster than F.cross_entropy at GPT-2's vocabulary)."""
     out = []
+    w = W_U.float()
     for s in range(0, h.shape[0], LOSS_CHUNK):
-        z = ln(h[s:s + LOSS_CHUNK]).float() @ W_U.t().float()
-        out.append(F.cross_entropy(z, targets[s:s + LOSS_CHUNK], reduction="none"))
+        z = F.linear(ln(h[s:s + LOSS_CHUNK]).float(), w)
+        t = targets[s:s + LOSS_CHUNK, None]
+        out.append(z.logsumexp(-1) - z.gather(1, t)[:, 0])
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
@@ -226,16 +311,3 @@ def reduce_dynamics(res: ForwardResult, n_seqs: int, info: DistLike
     lens = packed[nat.numel():].view(lens.shape)
     return ({"entropy": nat[:, 0].float(), "prev_token": nat[:, 1].float()},
             (lens[:, 0] / lens[:, 1]).float())
-
-
-def gather_weights(model) -> tuple[torch.Tensor, torch.nn.Module]:
-    """(W_U, the final LayerNorm as a function of float32 input) with whole parameters:
-    all-gathers under FSDP, collectives every rank must reach."""
-    W_U = full_tensor(model.lm_head.weight)
-    ln = model.ln_final
-    w, bias, eps = full_tensor(ln.weight).float(), ln.bias, ln.eps
-    bias = full_tensor(bias).float() if bias is not None else None
-
-    def ln_fn(x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), x.shape[-1:], w, bias, eps)
-    return W_U, ln_fn

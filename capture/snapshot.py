@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from capture._dist import DistLike
+from capture._dist import DistLike, full_tensor
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -17,24 +17,19 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 def snapshot_files(model, model_config: dict, step: int, dtype: str, info: DistLike
                    ) -> dict[str, bytes] | None:
     """{model.safetensors, config.json} on rank 0, None elsewhere. Every rank must call it:
-    under FSDP the whole parameters are all-gathered (collectives) to rank 0's host memory,
-    one parameter at a time on the device."""
-    if info.distributed:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict)
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                  cpu_offload=True))
-    else:
-        sd = model.state_dict()
-    if not info.is_main:
-        return None
-    tied = model_config.get("tie_embeddings", True)
+    under FSDP each parameter is all-gathered whole (a collective every rank must reach,
+    one parameter at a time, in the same order everywhere) and rank 0 keeps it in host
+    memory in `dtype`; the other ranks drop theirs at once. named_parameters yields a tied
+    unembedding once (as wte.weight); the model has no buffers to keep."""
     dt = DTYPES[dtype]
     tensors = {}
-    for name, t in sd.items():
-        if tied and name == "lm_head.weight":
-            continue  # the same tensor as wte.weight: stored once
-        tensors[name] = t.detach().to("cpu", dt).contiguous()
+    for name, p in model.named_parameters():
+        whole = full_tensor(p)  # collective under FSDP
+        if info.is_main:
+            tensors[name] = whole.to("cpu", dt).contiguous()
+        del whole
+    if not info.is_main:
+        return None
     from safetensors.torch import save
     weights = save(tensors, metadata={"step": str(step), "dtype": dtype})
     config = {"model": model_config, "step": int(step), "dtype": dtype,

@@ -26,7 +26,8 @@ from store.reader import RunStore
 pytestmark = pytest.mark.integration
 
 TRAIN = ["--config", "configs/tiny.toml", "--max-steps", "4", "--eval.every=0",
-         "--capture.every=3", "--checkpoint.every=2", "--checkpoint.keep_last=1",
+         "--capture.every=3", "--capture.log_early=true", "--capture.full_every=1000",
+         "--capture.snapshot_every=1000", "--checkpoint.every=2", "--checkpoint.keep_last=1",
          "--log.plot=false"]
 RESID = "blocks.{}.hook_resid_post"
 # How far the HF model (float32 computing from the bf16 snapshot) may be from the store's

@@ -6,7 +6,7 @@ import torch
 
 from capture.async_writer import AsyncWriter
 from capture.config import CaptureConfigError as ConfigError
-from capture.forward import _Stats
+from capture.forward import ForwardResult, _Stats, reduce_stats
 from capture.hooks import parse_layers, resolve_hooks
 from capture.schedule import Schedule, cadence_steps
 from trainer.config import ModelConfig
@@ -64,7 +64,7 @@ def test_statistics_over_batches_match_numpy():
     acc = _Stats(5, 4, torch.device("cpu"))
     acc.add(a[:2], first_row=2 * 7)  # this rank's slice starts at sequence 2 of the capture
     acc.add(a[2:], first_row=4 * 7)  # ... its second batch at sequence 4
-    st, v, idx = acc.reduce(DistInfo())
+    st, v, idx = reduce_stats(ForwardResult(stats={"h": acc}), ["h"], DistInfo())["h"]
     flat = a.reshape(-1, 5).numpy()
     np.testing.assert_allclose(st["mean"], flat.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(st["std"], flat.std(0), rtol=1e-5)
