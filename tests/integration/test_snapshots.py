@@ -177,6 +177,31 @@ def test_hf_export_computes_the_stored_activations(run, store, exported, step):
     assert (oc[RESID.format(0)] - want).abs().max().item() > 4 * BF16_TOL * want.abs().max()
 
 
+# An fp16 snapshot (capture.snapshot_dtype = fp16): 11 significant bits, so each weight is
+# off by at most 2^-12 of itself; the activations by a few 2^-12 of their scale, and their
+# float16 storage adds 2^-11. 2^-9 of the layer's largest |activation| is fp16 tolerance.
+FP16_TOL = 2.0 ** -9
+
+
+def test_fp16_snapshot_export_computes_the_stored_activations(shakespeare_data, tmp_path):
+    run = tmp_path / "run"
+    ok(run_cli(["-m", "trainer", "--data", str(shakespeare_data), "--run-dir", str(run),
+                *TRAIN, "--capture.snapshot_dtype=fp16"], timeout=600))
+    rs = RunStore(str(run / "capture.zarr"))
+    assert json.loads(rs.snapshot_file(4, "config.json"))["dtype"] == "fp16"
+    out = tmp_path / "hf"
+    ok(run_cli(["-m", "capture.export", "--run-dir", str(run), "--step", "4", "--format",
+                "hf", "--out", str(out)]))
+    hf = hf_model(out)
+    tokens = torch.from_numpy(np.asarray(rs.tokens(4))).long()
+    blocks, hidden = _hf_block_outputs(hf, tokens)
+    for layer in range(hf.config.n_layer):
+        want = _resid(rs, layer, 4)
+        got = hidden[layer + 1] if layer < hf.config.n_layer - 1 else blocks[layer]
+        err, tol = (got - want).abs().max().item(), FP16_TOL * want.abs().max().item()
+        assert err <= tol, f"layer {layer}: {err:.3g} > {tol:.3g}"
+
+
 def test_checkpoint_is_closer_than_the_snapshot(run, store):
     """At step 4 the float32 checkpoint computes the stored activations to float16's
     precision: the snapshot's bf16 rounding is what BF16_TOL allows for."""
