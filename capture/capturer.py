@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from capture._dist import DistLike, all_gather_cat, any_rank, barrier
+from capture.collectives import DistLike, all_gather_cat, any_rank, barrier
 from capture.async_writer import AsyncWriter
 from capture.config import CaptureConfig
 from capture.forward import CaptureForward, reduce_dynamics, reduce_stats

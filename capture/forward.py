@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from capture import dynamics
-from capture._dist import DistLike, all_gather_cat, all_reduce_sum
+from capture.collectives import DistLike, all_gather_cat, all_reduce_sum
 from capture.spec import CaptureSpec
 
 LOSS_CHUNK = 64  # rows of logits at a time: 64 x 50257 fp32 = 13 MB, near the cache

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from capture._dist import DistLike, full_tensor
+from capture.collectives import DistLike, full_tensor
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS, CONFIG = "model.safetensors", "config.json"

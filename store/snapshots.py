@@ -63,7 +63,7 @@ def read_snapshot_file(store: Store, url: str, step: int, name: str) -> bytes:
     if raw is None:
         have = snapshot_steps(store)
         raise StoreError(f"no weight snapshot at step {step} in {url}; snapshots: "
-                         f"{_steps_line(have)}")
+                         f"{steps_line(have)}")
     try:
         sizes = json.loads(raw)["files"]
     except (ValueError, KeyError, TypeError) as e:
@@ -80,9 +80,11 @@ def read_snapshot_file(store: Store, url: str, step: int, name: str) -> bytes:
     return data
 
 
-def _steps_line(steps: list[int]) -> str:
+def steps_line(steps: list[int], empty: str = "none (the run kept none: "
+               "capture.snapshot_every)") -> str:
+    """Steps for a one-line message: all of them when few, else the first, ..., the last."""
     if not steps:
-        return "none (the run kept none: capture.snapshot_every)"
-    if len(steps) <= 12:
+        return empty
+    if len(steps) <= 16:
         return ", ".join(map(str, steps))
-    return f"{len(steps)}, from {steps[0]} to {steps[-1]}"
+    return f"{len(steps)}: {', '.join(map(str, steps[:8]))}, ..., {steps[-1]}"

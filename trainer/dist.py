@@ -16,6 +16,11 @@ import torch.distributed as dist
 
 from trainer.config import ConfigError
 
+# The collectives the loop shares with capture live in capture (which may not import the
+# trainer): barrier, all_reduce_sum (in place, SUM: gloo has no AVG) and any_rank (a
+# collective and a host sync). Every rank must reach each of them.
+from capture.collectives import all_reduce_sum, any_rank, barrier  # noqa: F401 (re-exported)
+
 
 @dataclass
 class DistInfo:
@@ -71,24 +76,3 @@ def init(device: str = "auto") -> DistInfo:
 def shutdown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """In place; a collective every rank must reach. (gloo has no AVG, hence SUM.)"""
-    if info.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if it is True on any: a collective every rank must reach."""
-    if not info.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())

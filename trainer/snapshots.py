@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from store.snapshots import steps_line
 from trainer.config import ModelConfig, RunConfig, UserError, load_run_config
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the names capture/snapshot.py writes
@@ -64,11 +65,7 @@ def _open(store_or_url):
 
 
 def _steps_line(steps: list[int]) -> str:
-    if not steps:
-        return "none"
-    if len(steps) <= 16:
-        return ", ".join(map(str, steps))
-    return f"{len(steps)}: {', '.join(map(str, steps[:8]))}, ..., {steps[-1]}"
+    return steps_line(steps, empty="none")
 
 
 def _model_config(raw: bytes, step: int, url: str) -> tuple[ModelConfig, str]:

@@ -86,7 +86,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_on_imported_run(tmp_path):
+def _imported_run(tmp_path, *args: str):
+    """(a tiny GPT, a run dir holding it as a step-0 checkpoint through import_hf)."""
     pytest.importorskip("transformers")
     if not BPE.is_file():
         pytest.skip(f"{BPE} not found")
@@ -96,7 +97,12 @@ def test_cli_on_imported_run(tmp_path):
     m = _tiny(seed=3, vocab_size=50257, block_size=64)
     to_hf(m).save_pretrained(tmp_path / "hf")
     run = tmp_path / "run"
-    assert import_hf.main(["--hf", str(tmp_path / "hf"), "--run-dir", str(run)]) == 0
+    assert import_hf.main(["--hf", str(tmp_path / "hf"), "--run-dir", str(run), *args]) == 0
+    return m, run
+
+
+def test_cli_on_imported_run(tmp_path):
+    _, run = _imported_run(tmp_path)
     r = _cli("--run-dir", str(run), "--prompt", "ROMEO:", "--max-tokens", "12",
              "--temperature", "0.8", "--top-k", "20", "--seed", "3", "--num-samples", "2",
              "--tokenizer-file", str(BPE))
@@ -132,19 +138,11 @@ def _store_with_snapshots(url: str, models: dict[int, GPT]) -> None:
 def test_cli_on_a_weight_snapshot(tmp_path):
     """--step N without a checkpoint of N samples from the weight snapshot of N in the
     run's store (and says so); greedy decoding is the bf16 weights' own."""
-    pytest.importorskip("transformers")
-    if not BPE.is_file():
-        pytest.skip(f"{BPE} not found")
-    from trainer import checkpoint, import_hf
+    from trainer import checkpoint
     from trainer.config import UserError
-    from trainer.hf import to_hf
     from trainer.snapshots import load_model_at
 
-    base = _tiny(seed=3, vocab_size=50257, block_size=64)
-    to_hf(base).save_pretrained(tmp_path / "hf")
-    run = tmp_path / "run"
-    assert import_hf.main(["--hf", str(tmp_path / "hf"), "--run-dir", str(run),
-                           "--tokenizer-file", str(BPE)]) == 0  # a checkpoint at step 0
+    base, run = _imported_run(tmp_path, "--tokenizer-file", str(BPE))  # checkpoint at 0
     snap = _tiny(seed=4, vocab_size=50257, block_size=64)
     _store_with_snapshots(str(run / "capture.zarr"), {0: _tiny(seed=9, vocab_size=50257,
                                                                block_size=64), 5: snap})

@@ -1,6 +1,6 @@
-"""The distributed facts and the few collectives capture needs, from torch.distributed
-itself: capture does not depend on the trainer's process-group code. The trainer hands in
-any object with these attributes (its DistInfo is one)."""
+"""The distributed facts and the few collectives capture (and the trainer's loop) need,
+from torch.distributed itself: capture does not depend on the trainer's process-group
+code. The trainer hands in any object with these attributes (its DistInfo is one)."""
 
 from __future__ import annotations
 
