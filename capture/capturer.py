@@ -49,7 +49,14 @@ def icl_score(loss: np.ndarray) -> float:
     late = min(late, T - w)
     if late < early + w:
         return float("nan")
-    return float(np.nanmean(loss[:, late:late + w]) - np.nanmean(loss[:, early:early + w]))
+    return _mean(loss[:, late:late + w]) - _mean(loss[:, early:early + w])
+
+
+def _mean(a: np.ndarray) -> float:
+    """Mean of the finite values, NaN when there are none (a diverged model's loss), without
+    numpy's warning."""
+    ok = np.isfinite(a)
+    return float(a[ok].mean()) if ok.any() else float("nan")
 
 
 class Capturer:
