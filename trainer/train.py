@@ -411,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.run_dir)
             return 0
         if args.plan:
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world = args.world_size if args.world_size is not None \
+                else int(os.environ.get("WORLD_SIZE", "1"))
             if world < 1:
                 raise ConfigError(f"--world-size must be at least 1, got {world}")
             if os.environ.get("RANK", "0") == "0":

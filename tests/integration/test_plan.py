@@ -31,6 +31,8 @@ def test_gpt2_plan_fits_50_gb_without_data():
     assert _total(r.stdout) <= 50e9
     for tier in ("summary", "full", "snapshot"):
         assert re.search(rf"^  {tier} +[0-9,]+ ", r.stdout, re.M), r.stdout
+    r = run_cli(["-m", "trainer", "--config", "configs/gpt2.toml", "--plan", "--world-size", "0"])
+    assert r.returncode == 2 and r.stderr.strip() == "error: --world-size must be at least 1, got 0"
 
 
 def _disk(path: Path) -> int:
