@@ -6,6 +6,9 @@ SHARED ?= ../shared
 TEXT ?= $(SHARED)/data/tinyshakespeare.txt
 TOKENIZER_FILE ?= $(wildcard $(SHARED)/data/gpt2.tiktoken)
 NPROC ?= 2
+# GPUs when the node has one per rank; else gloo on CPU (NCCL refuses two ranks on one GPU).
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+DEVICE ?= $(shell [ "$(GPUS)" -ge "$(NPROC)" ] 2>/dev/null && echo cuda || echo cpu)
 DASHBOARD ?= 1
 BIN := $(VENV)/bin
 
@@ -45,7 +48,7 @@ demo: setup
 	    --out runs/data/tinyshakespeare --val-fraction 0.05 \
 	    $(if $(TOKENIZER_FILE),--tokenizer-file $(TOKENIZER_FILE))
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer --config configs/tiny.toml \
-	    --data runs/data/tinyshakespeare --run-dir runs/tiny $(if $(wildcard runs/tiny/checkpoints),--resume)
+	    --data runs/data/tinyshakespeare --run-dir runs/tiny --parallel.device=$(DEVICE) $(if $(wildcard runs/tiny/checkpoints),--resume)
 ifneq ($(DASHBOARD),0)
 	@echo "dashboard: http://localhost:8501 (Ctrl-C to stop)"
 	$(BIN)/streamlit run dashboard/app.py --server.headless true -- --run-dir runs/tiny

@@ -46,7 +46,7 @@ def one_run(data: Path, run: Path, extra: list[str], a) -> float:
            f"--nproc_per_node={a.nproc}", "-m", "trainer", "--config", "configs/tiny.toml",
            "--data", str(data), "--run-dir", str(run), "--max-steps", str(a.steps),
            "--eval.every=0", "--log.plot=false", "--log.every=1000",
-           f"--checkpoint.every={a.steps}", *extra]
+           f"--checkpoint.every={a.steps}", f"--parallel.device={a.device}", *extra]
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // a.nproc))})
@@ -69,6 +69,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu",
+                   help="cpu (gloo) or cuda (one GPU per rank: --nproc at most the GPUs)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

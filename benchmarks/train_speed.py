@@ -8,8 +8,8 @@ One process, one config, one batch, the same starting weights (HF's are converte
 and the same optimizer (AdamW lr 6e-4, betas (0.9, 0.95), weight decay 0.1 on matrices).
 A step is forward + loss + backward + optimizer step. The variants run interleaved, one step
 each per round in a rotating order, after warmup; we report each one's median tokens/s and
-the ratio ours/HF. On CUDA, MFU = tokens/s * model.flops_per_token(seq_len) / peak bf16 FLOPS
-of the GPU (by name). bf16 means autocast with fp32 parameters, as trainer/train.py does.
+the ratio ours/HF. On CUDA, MFU = tokens/s * model.flops_per_token(seq_len) / the GPU's dense
+peak for the dtype (bf16, or TF32 for fp32: trainer/metrics.py's table, by name). bf16 means autocast with fp32 parameters, as trainer/train.py does.
 
 Our model's loss path is trainer/loss.py's chunked unembedding + cross-entropy (the
 gradient computed in the forward, never the whole [tokens, vocab] logits); HF's is its own
@@ -30,26 +30,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainer import metrics  # noqa: E402
+from trainer.dist import configure_device  # noqa: E402
 from trainer.config import PRESETS, ModelConfig  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 
-PEAK_BF16 = [  # (substring of torch.cuda.get_device_name, dense bf16 FLOP/s)
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM / NVL
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-]
-
-
-def peak_flops(device: torch.device) -> tuple[float | None, str]:
+def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
+    """The trainer's table (trainer/metrics.py): dense bf16, or TF32 for fp32 runs."""
     if device.type != "cuda":
         return None, "cpu"
     name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16:
-        if key in name:
-            return peak, name
-    return None, name
+    return metrics.peak_flops(name, dtype), name
 
 
 # ------------------------------------------------------------------------------ harness
@@ -146,6 +137,7 @@ def main(argv=None) -> int:
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(a.device)
+    configure_device(device)  # as the trainer: TF32 for fp32 matmuls on CUDA
     shape = dict(PRESETS[a.preset]) if a.preset else dict(
         n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
     block = a.block_size or (1024 if a.preset else 256)
@@ -166,7 +158,7 @@ def main(argv=None) -> int:
     # Same numbers before timing anything: same weights, same loss.
     with torch.no_grad(), autocast():
         l_ours, l_hf = ours(x, y).item(), hf_loss(hf_model, x, y).item()
-    tol = 2e-2 if bf16 else 1e-4
+    tol = 2e-2 if bf16 else (2e-3 if device.type == "cuda" else 1e-4)  # TF32 on CUDA
     print(f"initial loss ours {l_ours:.6f} hf {l_hf:.6f} (|diff| {abs(l_ours - l_hf):.2e})")
     if abs(l_ours - l_hf) > tol:
         print("error: the two models disagree before training; not timing", file=sys.stderr)
@@ -181,8 +173,7 @@ def main(argv=None) -> int:
         variants.append(Variant("ours compiled", compiled, ours_loss, device,
                                 comp.param_groups(0.1)))
 
-    peak, dev_name = peak_flops(device)
-    peak = peak if bf16 else None  # MFU against the bf16 peak only means something in bf16
+    peak, dev_name = peak_flops(device, a.dtype)
     fpt = ours.flops_per_token(T)
     print(f"device {dev_name} | dtype {a.dtype} | threads {torch.get_num_threads()} | model "
           f"n_layer {cfg.n_layer} n_head {cfg.n_head} n_embd {cfg.n_embd} vocab {cfg.vocab_size}"

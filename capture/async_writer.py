@@ -14,8 +14,9 @@ _STOP = object()
 
 
 class AsyncWriter:
-    def __init__(self, maxsize: int, name: str = "capture-writer"):
+    def __init__(self, maxsize: int, name: str = "capture-writer", device=None):
         self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._device = device
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -27,6 +28,11 @@ class AsyncWriter:
             self._q.put((job, ready))
 
     def _run(self) -> None:
+        if self._device is not None and self._device.type == "cuda":
+            # A new thread's current device is GPU 0: waiting on an event from there would
+            # open a CUDA context on GPU 0 for every rank of the node (hundreds of MB each).
+            import torch
+            torch.cuda.set_device(self._device)
         while True:
             item = self._q.get()
             try:

@@ -87,7 +87,7 @@ class Capturer:
         if not info.is_main:
             self.store = StoreWriter.open(url)
         self.slot = self.store.next_slot()  # every rank reads the same committed steps
-        self.writer = AsyncWriter(c.queue_size)
+        self.writer = AsyncWriter(c.queue_size, device=info.device)
         self._metrics: list[tuple[int, dict]] = []
         self._compiled = compiled
         self._abort = threading.Event()

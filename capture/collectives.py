@@ -54,3 +54,14 @@ def full_tensor(p: torch.Tensor) -> torch.Tensor:
     """The whole parameter: an all-gather under FSDP (a collective every rank must reach)."""
     from torch.distributed.tensor import DTensor
     return p.full_tensor().detach() if isinstance(p, DTensor) else p.detach()
+
+
+def reshard(model) -> None:
+    """Under FSDP2, back to the sharded fp32 parameters (no collective: gathered copies are
+    only freed). A forward without a backward leaves the root and the last block gathered,
+    in the compute dtype (bf16 under a bf16 policy); what reads weights whole (logit effects,
+    snapshots) gathers the fp32 shards instead, so its values do not depend on the launch."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

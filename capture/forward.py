@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from capture import dynamics
-from capture.collectives import DistLike, all_gather_cat, all_reduce_sum
+from capture.collectives import DistLike, all_gather_cat, all_reduce_sum, full_tensor, reshard
 from capture.spec import CaptureSpec
 
 LOSS_CHUNK = 64  # rows of logits at a time: 64 x 50257 fp32 = 13 MB, near the cache
@@ -122,15 +122,36 @@ class CaptureForward:
             first = off == 0
             rep = repeated if first and repeated is not None and repeated.shape[1] == T \
                 else None
-            hooks = self._hooks(model, out, off, x.shape[0], x, seq_start, full and first,
-                                keep_attn, a_here, lens_rows, rep is not None)
+            hooks = self._hooks(model, out, off, x.shape[0], x, seq_start, keep_attn, a_here,
+                                lens_rows, rep is not None)
             batch = x if rep is None else torch.cat([x, rep.to(x.device)])
             with model.hooks(fwd_hooks=hooks):
                 model(batch, return_type=None)
+        if full and spec.dla_layers:
+            out.dla = self.logit_effects(model)
+        return out
+
+    @torch.no_grad()
+    def logit_effects(self, model) -> dict[int, tuple]:
+        """Each MLP neuron's direct logit effects, from the fp32 weights (never the bf16 copies
+        a bf16 policy gathers for the forward). This rank's layers (layer % world == rank);
+        every rank gathers every layer's W_out (a collective each, in layer order)."""
+        reshard(model)
+        W_U = full_tensor(model.lm_head.weight)  # collective
+        ln_w = full_tensor(model.ln_final.weight).float()  # collective
+        out = {}
+        for layer in self.spec.dla_layers:
+            W_out = full_tensor(model.blocks[layer].mlp.c_proj.weight)  # collective; [d, d_mlp]
+            if layer % self.world == self.rank:
+                tv, ti, bv, bi = dynamics.neuron_logit_effects(W_out.t(), ln_w, W_U,
+                                                               self.spec.dla_k)
+                out[layer] = (ti.to(torch.int32).cpu().numpy(), tv.cpu().numpy(),
+                              bi.to(torch.int32).cpu().numpy(), bv.cpu().numpy())
+            del W_out
         return out
 
     def _hooks(self, model, out: ForwardResult, off: int, b: int, x: torch.Tensor,
-               seq_start: int, dla: bool, keep_attn: list[int], a_here: int, lens_rows,
+               seq_start: int, keep_attn: list[int], a_here: int, lens_rows,
                with_repeated: bool):
         """The hooks of one batch: rows :b are the probe's, rows b: the repeated probe."""
         spec, T = self.spec, x.shape[1]
@@ -144,7 +165,6 @@ class CaptureForward:
                 w = live_weight(ln.weight).float()
                 bias = live_weight(ln.bias).float() if ln.bias is not None else None
                 live["W_U"] = live_weight(model.lm_head.weight)
-                live["ln_w"] = w
                 live["ln"] = lambda h: F.layer_norm(h.float(), h.shape[-1:], w, bias, ln.eps)
             return live["W_U"], live["ln"]
 
@@ -199,19 +219,6 @@ class CaptureForward:
             layers = range(spec.n_layers) if out.lens is not None else [spec.n_layers - 1]
             hooks += [(f"blocks.{i}.hook_resid_post", resid(i)) for i in layers]
 
-        if dla:
-            def effects(layer: int):
-                def hook(a, hook):
-                    # Inside block `layer`'s forward its W_out is the gathered one.
-                    W_out = live_weight(model.blocks[layer].mlp.c_proj.weight)  # [d, d_mlp]
-                    W_U, _ = unembed()
-                    if layer % self.world == self.rank:
-                        tv, ti, bv, bi = dynamics.neuron_logit_effects(
-                            W_out.t(), live["ln_w"], W_U, spec.dla_k)
-                        out.dla[layer] = (ti.to(torch.int32).cpu().numpy(), tv.cpu().numpy(),
-                                          bi.to(torch.int32).cpu().numpy(), bv.cpu().numpy())
-                return hook
-            hooks += [(f"blocks.{i}.mlp.hook_post", effects(i)) for i in spec.dla_layers]
         return hooks
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from capture.collectives import DistLike, full_tensor
+from capture.collectives import DistLike, full_tensor, reshard
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -22,6 +22,7 @@ def snapshot_files(model, model_config: dict, step: int, dtype: str, info: DistL
     memory in `dtype`; the other ranks drop theirs at once. named_parameters yields a tied
     unembedding once (as wte.weight); the model has no buffers to keep."""
     dt = DTYPES[dtype]
+    reshard(model)  # gathered from the fp32 shards, not from a forward's bf16 copies
     tensors = {}
     for name, p in model.named_parameters():
         whole = full_tensor(p)  # collective under FSDP

@@ -16,8 +16,10 @@ BPE = SHARED / "data" / "gpt2.tiktoken"
 
 def env(**extra) -> dict:
     e = dict(os.environ)
+    # CPU and gloo even where GPUs are visible: the tests run 2 ranks (more than a one-GPU
+    # machine has) and assert bit-identical resumes, which CUDA's reductions do not give.
     e.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-             TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+             TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     e.update({k: str(v) for k, v in extra.items()})
     return e
 

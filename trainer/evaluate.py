@@ -6,6 +6,7 @@ all ranks must make the same number of forward calls.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -47,15 +48,20 @@ def maybe_eval(model, cfg: RunConfig, info: tdist.DistInfo, step: int, enc, auto
     if every <= 0 or (step % every and step != cfg.train.max_steps):
         return {}
     model.eval()
-    out: dict[str, Any] = {"val_loss": val_loss(model, cfg, info, autocast)}
-    if hellaswag_examples:
-        from trainer import hellaswag
+    # Eager under a compiled model: eval mode, no_grad and generation's growing lengths
+    # would each recompile the blocks (minutes, and a cache limit), for a few forwards.
+    eager = torch.compiler.set_stance("force_eager") if cfg.parallel.compile \
+        else contextlib.nullcontext()
+    with eager:
+        out: dict[str, Any] = {"val_loss": val_loss(model, cfg, info, autocast)}
+        if hellaswag_examples:
+            from trainer import hellaswag
 
-        with autocast():
-            hs = hellaswag.evaluate(model, hellaswag_examples, enc, info.device,
-                                    info.rank, info.world)
-        out["hellaswag_acc_norm"], out["hellaswag_acc"] = hs["acc_norm"], hs["acc"]
-    if enc is not None and cfg.eval.sample_tokens > 0:
-        out["sample"] = sample(model, enc, cfg, info, step, autocast)
+            with autocast():
+                hs = hellaswag.evaluate(model, hellaswag_examples, enc, info.device,
+                                        info.rank, info.world)
+            out["hellaswag_acc_norm"], out["hellaswag_acc"] = hs["acc_norm"], hs["acc"]
+        if enc is not None and cfg.eval.sample_tokens > 0:
+            out["sample"] = sample(model, enc, cfg, info, step, autocast)
     model.train()
     return out

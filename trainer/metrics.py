@@ -6,24 +6,46 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from trainer.config import RunConfig
 
-# Dense bf16 peak FLOP/s by GPU name, for MFU. Unknown GPUs (and CPUs) report no MFU.
-PEAK_BF16_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
-    "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12, "4090": 165e12,
-}
+# Dense tensor-core peaks from NVIDIA's datasheets, in FLOP/s: (pattern on
+# torch.cuda.get_device_name, bf16, tf32). fp32 runs are measured against the TF32 peak
+# (the trainer turns TF32 on for CUDA). The first pattern that matches wins, so the PCIe and
+# NVL parts (lower clocks and power) come before their SXM names. Unknown GPUs, and CPUs,
+# report no MFU rather than a wrong one.
+PEAKS: list[tuple[str, float, float]] = [
+    (r"H100.*PCIe", 756e12, 378e12),
+    (r"H100.*NVL", 835e12, 418e12),
+    (r"H200.*NVL", 835e12, 418e12),
+    (r"GH200", 989e12, 495e12),
+    (r"H100|H200", 989e12, 495e12),  # SXM
+    (r"A100", 312e12, 156e12),  # SXM and PCIe alike
+    (r"L40S", 362e12, 183e12),
+    (r"\bL4\b", 121e12, 60e12),
+]
 
 
-def peak_flops(device_name: str) -> float | None:
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in device_name:
-            return flops
+def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
+    """Dense peak FLOP/s of one GPU for a run in `dtype` (bf16 | fp32), None if unknown."""
+    for pattern, bf16, tf32 in PEAKS:
+        if re.search(pattern, device_name):
+            return bf16 if dtype == "bf16" else tf32
     return None
+
+
+def graphs_compiled() -> int:
+    """How many graphs torch.compile has compiled in this process so far: a step during
+    which it grew spent part of its time compiling (its speed is not the run's)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # a torch without dynamo
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def truncate_after(path: Path, step: int) -> None:

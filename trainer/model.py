@@ -74,11 +74,14 @@ class Attention(nn.Module):
         p_drop = self.dropout if self.training else 0.0
         if self.hook_attn_scores.has_hooks("fwd") or self.hook_pattern.has_hooks("fwd"):
             # Explicit softmax only when someone listens: training pays nothing for these hooks.
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
-            z = F.dropout(pattern, p_drop, self.training) @ v
+            # In fp32 whatever the run's precision (autocast, or FSDP's bf16 parameters), so
+            # that captured scores and patterns do not depend on how the run was launched.
+            with torch.autocast(x.device.type, enabled=False):
+                scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.d_head)
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+                pattern = self.hook_pattern(scores.softmax(dim=-1))
+                z = (F.dropout(pattern, p_drop, self.training) @ v.float()).to(v.dtype)
         else:
             z = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
         z = self.hook_z(z.transpose(1, 2))  # [B, T, H, Dh]
@@ -140,18 +143,23 @@ class GPT(HookedRootModule):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """GPT-2 init; also called after `to_empty` when the model was built on meta."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2 init; also called after `to_empty` when the model was built on meta. Every
+        draw comes from one CPU generator seeded with `seed` (default: torch.initial_seed(),
+        the last torch.manual_seed), in the same order: a seed gives the same weights on
+        any device, sharded (meta init under FSDP) or not, however many random numbers
+        were drawn before (building the modules draws some; building them on meta none)."""
+        g = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 std = resid_std if name.endswith("c_proj") else 0.02
                 if not (m is self.lm_head and self.cfg.tie_embeddings):  # tied: wte's init
-                    nn.init.normal_(m.weight, mean=0.0, std=std)
+                    _normal_(m.weight, std, g)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                _normal_(m.weight, 0.02, g)
             elif isinstance(m, LayerNorm):
                 nn.init.ones_(m.weight)
                 if m.bias is not None:
@@ -229,3 +237,19 @@ class GPT(HookedRootModule):
                 nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def _normal_(p: torch.Tensor, std: float, g: torch.Generator) -> None:
+    """p ~ N(0, std) from the CPU generator `g`. A CUDA tensor or a DTensor shard is drawn
+    whole on the CPU (one parameter at a time) and this rank's part copied in: their own
+    generators (CUDA's, DTensor's offset-based tracker) would give other numbers."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        full = torch.empty(p.shape).normal_(0.0, std, generator=g).to(p.dtype)
+        # every rank drew the same tensor: each keeps its own shard, no communication
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+    elif p.device.type != "cpu":
+        p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=g))
+    else:
+        p.normal_(0.0, std, generator=g)

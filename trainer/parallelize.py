@@ -71,5 +71,8 @@ def parallelize(model: GPT, pcfg: ParallelConfig, info: DistInfo, dtype: str) ->
     for i, block in enumerate(model.blocks):
         # The last block's parameters are needed again at once by backward: keep them.
         fully_shard(block, reshard_after_forward=reshard and i < len(model.blocks) - 1, **kw)
-    fully_shard(model, reshard_after_forward=reshard, **kw)  # embeddings, ln_final, head
+    # The root (embeddings, final LayerNorm, head): FSDP's own default for a root keeps it
+    # gathered from forward to backward, which needs it again at once (resharding it would
+    # all-gather the 50257 x 768 embedding twice per micro-batch).
+    fully_shard(model, **kw)
     return model

@@ -29,7 +29,7 @@ from trainer import dist as tdist
 from trainer.config import ConfigError, RunConfig, UserError
 from trainer.data import DistributedLoader, TokenWindows, load_manifest
 from trainer.evaluate import maybe_eval
-from trainer.metrics import MetricsLogger, peak_flops, plot_loss
+from trainer.metrics import MetricsLogger, graphs_compiled, peak_flops, plot_loss
 from trainer.model import GPT
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.parallelize import check_parallel, parallelize
@@ -139,8 +139,9 @@ def build_model(cfg: RunConfig, info: tdist.DistInfo) -> GPT:
         with torch.device("meta"):
             model = GPT(cfg.model)
         model = parallelize(model, cfg.parallel, info, cfg.train.dtype)
-        model.to_empty(device=info.device)
-        model.init_weights()
+        # Offloaded shards live in host memory: materialise them there.
+        model.to_empty(device="cpu" if cfg.parallel.cpu_offload else info.device)
+        model.init_weights(cfg.train.seed)
         return model
     model = GPT(cfg.model).to(info.device)
     return parallelize(model, cfg.parallel, info, cfg.train.dtype)
@@ -165,7 +166,9 @@ def train_step(model, optimizer, loader, accum: int, lr: float, cfg: RunConfig,
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
     # The step's one sync point: loss and grad norm to the host, checked before the update.
-    loss_val, norm_val = torch.stack([loss_sum / (accum * info.world), grad_norm]).tolist()
+    # (With CPU offload the norm is computed in host memory: brought to the loss's device.)
+    loss_val, norm_val = torch.stack([loss_sum / (accum * info.world),
+                                      grad_norm.to(loss_sum.device)]).tolist()
     if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
         raise TrainingDiverged(f"loss {loss_val}, grad norm {norm_val}")
     optimizer.step()
@@ -196,11 +199,12 @@ def train_loop(r: Run, stops: StopSignals) -> int | None:
     try:
         while r.step < cfg.train.max_steps:
             lr = lr_at(r.step, cfg.optim, cfg.train.max_steps)
-            t0 = time.perf_counter()
+            graphs, t0 = graphs_compiled(), time.perf_counter()
             loss, grad_norm = train_step(r.model, r.optimizer, r.loader, r.accum, lr, cfg,
                                          info, autocast)
             r.step += 1
-            record = step_record(r, loss, lr, grad_norm, time.perf_counter() - t0)
+            record = step_record(r, loss, lr, grad_norm, time.perf_counter() - t0,
+                                 compiled=graphs_compiled() > graphs)
             t1 = time.perf_counter()
             batch = capture_setup.live_batch(r.loader, r.accum) \
                 if r.capturer.needs_batch(r.step) else None
@@ -220,13 +224,20 @@ def train_loop(r: Run, stops: StopSignals) -> int | None:
             logger.close()
 
 
-def step_record(r: Run, loss: float, lr: float, grad_norm: float, dt: float) -> dict:
+def step_record(r: Run, loss: float, lr: float, grad_norm: float, dt: float,
+                compiled: bool = False) -> dict:
     tokens = r.cfg.train.global_batch_tokens
     rec = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
            "step_ms": dt * 1e3, "time": time.time()}
-    if r.info.device.type == "cuda":
-        peak = peak_flops(torch.cuda.get_device_name(r.info.device))
-        if peak:
+    if compiled:
+        rec["compile"] = True  # this step's time includes compiling: no MFU for it
+    dev = r.info.device
+    if dev.type == "cuda":
+        # The allocator's own counters: no device sync.
+        rec["mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+        torch.cuda.reset_peak_memory_stats(dev)
+        peak = peak_flops(torch.cuda.get_device_name(dev), r.cfg.train.dtype)
+        if peak and not compiled:
             rec["mfu"] = r.model.flops_per_token(r.cfg.seq_len) * tokens / dt / \
                 (peak * r.info.world)
     return rec
@@ -299,7 +310,7 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
 
 
 def run(cfg: RunConfig, resume: bool) -> int:
-    info = tdist.init(cfg.parallel.device)
+    info = tdist.init(cfg.parallel.device, cfg.parallel.cpu_offload)
     # Installed before setup, so a scheduler's signal during a long load is not lost.
     stops = StopSignals()
     status = "failed"

@@ -131,7 +131,11 @@ def test_kill9_then_resume_is_exact_and_torn_checkpoints_are_ignored(
     ["--parallel.sharding=none"],
     ["--parallel.sharding=hybrid", "--parallel.shard_size=2"],
     ["--parallel.activation_checkpointing=true"],
-], ids=["grad", "none", "hybrid", "activation-checkpointing"])
+    ["--parallel.meta_init=true"],
+    ["--parallel.compile=true"],
+    ["--parallel.compile=true", "--parallel.activation_checkpointing=true"],
+], ids=["grad", "none", "hybrid", "activation-checkpointing", "meta-init", "compile",
+        "compile-activation-checkpointing"])
 def test_sharding_modes_give_the_same_training(shakespeare_data, reference, tmp_path, extra):
     run = tmp_path / "run"
     ok(run_cli(torchrun(2) + train_args(shakespeare_data, run, *extra, steps=4)[1:]))
