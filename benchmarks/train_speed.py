@@ -9,7 +9,8 @@ and the same optimizer (AdamW lr 6e-4, betas (0.9, 0.95), weight decay 0.1 on ma
 A step is forward + loss + backward + optimizer step. The variants run interleaved, one step
 each per round in a rotating order, after warmup; we report each one's median tokens/s and
 the ratio ours/HF. On CUDA, MFU = tokens/s * model.flops_per_token(seq_len) / the GPU's dense
-peak for the dtype (bf16, or TF32 for fp32: trainer/metrics.py's table, by name). bf16 means autocast with fp32 parameters, as trainer/train.py does.
+peak for the dtype (bf16, or TF32 for fp32: trainer/metrics.py's table, by name). bf16
+means autocast with fp32 parameters, as trainer/train.py does.
 
 Our model's loss path is trainer/loss.py's chunked unembedding + cross-entropy (the
 gradient computed in the forward, never the whole [tokens, vocab] logits); HF's is its own

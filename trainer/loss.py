@@ -4,10 +4,10 @@ At GPT-2's vocabulary the [tokens, 50257] logits are the largest tensor of a tra
 (B=16, T=1024: 3.3 GB in fp32), and log-softmax forward and backward stream them through
 memory several times. Here `chunk` rows at a time: logits, log-sum-exp, loss, and at once
 d(loss)/d(logits) = (softmax - onehot) / n (in fp32, cast once to the compute dtype), from
-which the gradients of the hidden states and of the unembedding are accumulated. Neither the logits nor their log-softmax are ever
-held for the whole batch; the matmuls are the same three as the plain path. The cost: the
-gradients are computed even if backward is never called, so this path is only taken when
-a gradient is wanted (see `linear_cross_entropy`).
+which the gradients of the hidden states and of the unembedding are accumulated. Neither
+the logits nor their log-softmax are ever held for the whole batch; the matmuls are the same
+three as the plain path. The cost: the gradients are computed even if backward is never
+called, so this path is only taken when a gradient is wanted (see `linear_cross_entropy`).
 """
 
 from __future__ import annotations

@@ -85,8 +85,9 @@ def test_compile_with_capture_and_eval_recompiles_nothing(shakespeare_data, tmp_
     run = tmp_path / "run"
     args = train_args(shakespeare_data, run, "--parallel.compile=true", "--capture.every=2",
                       "--capture.full_every=2", "--capture.snapshot_every=4",
-                      "--capture.log_early=false", "--capture.probe_seqs=4", "--capture.probe_len=32", "--eval.every=3",
-                      "--eval.val_batches=2", "--eval.sample_tokens=8", steps=6)
+                      "--capture.log_early=false", "--capture.probe_seqs=4",
+                      "--capture.probe_len=32", "--eval.every=3", "--eval.val_batches=2",
+                      "--eval.sample_tokens=8", steps=6)
     r = subprocess.run([sys.executable, *torchrun(2), *args[1:]], cwd=ROOT,
                        env=env(TORCH_LOGS="recompiles"), capture_output=True, text=True,
                        timeout=600)
