@@ -239,8 +239,9 @@ class CaptureForward:
 
 def reduce_stats(res: ForwardResult, names: list[str], info: DistLike
                  ) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
-    """Every hook's statistics over every rank, packed: three all-reduces and two
-    all-gathers in all (not five per hook), in the same order on every rank."""
+    """Every hook's statistics over every rank, packed side by side: three all-reduces and
+    two all-gathers in all (not five per hook), in the same order on every rank, then seven
+    device-to-host copies in all (each a sync point on CUDA), sliced per hook on the host."""
     st = [res.stats[n] for n in names]
     if not st:
         return {}
@@ -257,19 +258,19 @@ def reduce_stats(res: ForwardResult, names: list[str], info: DistLike
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     tv, ti = all_gather_cat(tv, info), all_gather_cat(ti, info)
-    out = {}
-    c = 0
-    for name, s, D in zip(names, st, widths):
-        total, sq, active, count = sums[:, c:c + D]
-        mean = total / count
-        std = (sq / count - mean.square()).clamp_min(0).sqrt()  # population std over tokens
-        stats = {"mean": mean, "std": std, "min": lo[c:c + D], "max": hi[c:c + D],
-                 "frac_active": active / count}
-        v, sel = tv[:, c:c + D].topk(min(s.k, tv.shape[0]), dim=0)
-        i = ti[:, c:c + D].gather(0, sel)
-        out[name] = ({k: x.float().cpu().numpy() for k, x in stats.items()},
-                     v.t().contiguous().cpu().numpy(),
-                     i.t().contiguous().to(torch.int32).cpu().numpy())
+    total, sq, active, count = sums
+    mean = total / count
+    packed = {"mean": mean,
+              "std": (sq / count - mean.square()).clamp_min(0).sqrt(),  # population std
+              "min": lo, "max": hi, "frac_active": active / count}
+    packed = {k: x.float().cpu().numpy() for k, x in packed.items()}
+    v, sel = tv.topk(min(st[0].k, tv.shape[0]), dim=0)  # per column: per neuron
+    top_v = v.t().contiguous().cpu().numpy()
+    top_i = ti.gather(0, sel).t().contiguous().to(torch.int32).cpu().numpy()
+    out, c = {}, 0
+    for name, D in zip(names, widths):
+        out[name] = ({k: x[c:c + D] for k, x in packed.items()}, top_v[c:c + D],
+                     top_i[c:c + D])
         c += D
     return out
 

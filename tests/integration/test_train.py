@@ -132,9 +132,9 @@ def test_kill9_then_resume_is_exact_and_torn_checkpoints_are_ignored(
     ["--parallel.sharding=hybrid", "--parallel.shard_size=2"],
     ["--parallel.activation_checkpointing=true"],
     ["--parallel.meta_init=true"],
-    ["--parallel.compile=true"],
+    # (compile alone: test_launch.py, with capture and evaluation)
     ["--parallel.compile=true", "--parallel.activation_checkpointing=true"],
-], ids=["grad", "none", "hybrid", "activation-checkpointing", "meta-init", "compile",
+], ids=["grad", "none", "hybrid", "activation-checkpointing", "meta-init",
         "compile-activation-checkpointing"])
 def test_sharding_modes_give_the_same_training(shakespeare_data, reference, tmp_path, extra):
     run = tmp_path / "run"

@@ -24,7 +24,7 @@ def test_matches_plain_cross_entropy(n, chunk):
     torch.testing.assert_close(w.grad, gw)
 
 
-def test_no_grad_takes_the_plain_path_with_the_same_value():
+def test_no_grad_loss_in_chunks_equals_the_gradient_path():
     torch.manual_seed(0)
     h, w, t = torch.randn(20, 8), torch.randn(50, 8), torch.randint(0, 50, (20,))
     with torch.no_grad():
