@@ -128,20 +128,22 @@ class CaptureForward:
             with model.hooks(fwd_hooks=hooks):
                 model(batch, return_type=None)
         if full and spec.dla_layers:
-            out.dla = self.logit_effects(model)
+            out.dla = self.logit_effects(model, dev)
         return out
 
     @torch.no_grad()
-    def logit_effects(self, model) -> dict[int, tuple]:
+    def logit_effects(self, model, dev: torch.device) -> dict[int, tuple]:
         """Each MLP neuron's direct logit effects, from the fp32 weights (never the bf16 copies
-        a bf16 policy gathers for the forward). This rank's layers (layer % world == rank);
-        every rank gathers every layer's W_out (a collective each, in layer order)."""
+        a bf16 policy gathers for the forward), computed on `dev` (with CPU offload the
+        shards are in host memory). This rank's layers (layer % world == rank); every rank
+        gathers every layer's W_out (a collective each, in layer order)."""
         reshard(model)
-        W_U = full_tensor(model.lm_head.weight)  # collective
-        ln_w = full_tensor(model.ln_final.weight).float()  # collective
+        W_U = full_tensor(model.lm_head.weight).to(dev)  # collective
+        ln_w = full_tensor(model.ln_final.weight).to(dev, torch.float32)  # collective
         out = {}
         for layer in self.spec.dla_layers:
-            W_out = full_tensor(model.blocks[layer].mlp.c_proj.weight)  # collective; [d, d_mlp]
+            # collective; [d, d_mlp]
+            W_out = full_tensor(model.blocks[layer].mlp.c_proj.weight).to(dev)
             if layer % self.world == self.rank:
                 tv, ti, bv, bi = dynamics.neuron_logit_effects(W_out.t(), ln_w, W_U,
                                                                self.spec.dla_k)
