@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BPE, run_cli
-from test_train import ok, train_args
+from helpers import BPE, ok, run_cli, train_args
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +55,7 @@ def test_missing_data_dir(tmp_path):
     fails_with(run_cli(train_args(tmp_path / "nope", tmp_path / "run")), "not found")
 
 
+@pytest.mark.usefixtures("shared")
 def test_data_shorter_than_one_sequence(tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("To be, or not to be.\n\nThat is the question.\n")

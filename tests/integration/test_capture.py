@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import losses, read_metrics, run_cli, torchrun
+from helpers import (losses, ok, popen, read_metrics, run_cli, torchrun, train_args,
+                     wait_for)
+from store.errors import StoreError
 from store.reader import RunStore
-from test_train import _popen, _wait_for, ok, train_args
 from trainer import checkpoint
 from trainer.model import GPT
 
@@ -203,17 +204,22 @@ def test_kill9_during_capture_hides_the_torn_capture_and_resume_fills_it(
     sched = [0, 2, 4, 6, 8, 10]
     run = tmp_path / "run"
     store_dir = run / "capture.zarr"
-    p = _popen(train_args(shakespeare_data, run, *big, steps=10))
+    p = popen(train_args(shakespeare_data, run, *big, steps=10))
     # Killed while a capture after the first checkpoint (step 4) is being written.
-    _wait_for(lambda: checkpoint.latest_step(run) is not None
-              and any(i >= 3 for i in _torn_slots(store_dir, sched)), p)
+    wait_for(lambda: checkpoint.latest_step(run) is not None
+             and any(i >= 3 for i in _torn_slots(store_dir, sched)), p)
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
     torn = _torn_slots(store_dir, sched)
     assert torn, "the kill did not land inside a capture"
     store = RunStore(str(store_dir))
     committed = [int(s) for s in store.steps()]
-    assert not set(sched[i] for i in torn) & set(committed)
+    # The writer commits captures in order: every one before the torn capture is visible,
+    # none from it on (no hole, nothing half-written shown) ...
+    assert committed == sched[:min(torn)], (committed, torn)
+    for i in torn:  # ... and the torn capture's chunks on disk are not served
+        with pytest.raises(StoreError, match="not captured"):
+            store.activations("blocks.1.hook_resid_post", sched[i])
     for s in committed:  # every visible capture is whole: each sequence written
         a = store.activations("blocks.1.hook_resid_post", s)
         assert np.abs(a).reshape(96, -1).max(axis=1).min() > 0, s

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import BPE, ROOT, run_cli
+from helpers import BPE, ROOT, TINY_ARGS, TINY_FULL, TINY_SNAPSHOTS, TINY_STEPS, run_cli
 from store.reader import RunStore
 from store.writer import StoreWriter
 
@@ -23,30 +23,6 @@ from store_fixture import ACT_HOOK, write_store  # noqa: E402
 pytestmark = pytest.mark.integration
 
 APP = str(ROOT / "dashboard" / "app.py")
-TINY_ARGS = ["--max-steps", "8", "--model.n_layer=3", "--model.n_head=2", "--model.n_embd=32",
-             "--model.block_size=32", "--train.micro_batch_size=4",
-             "--train.global_batch_tokens=128", "--eval.every=4", "--eval.val_batches=2",
-             "--eval.sample_tokens=0", "--capture.every=2", "--capture.probe_seqs=4",
-             "--capture.probe_len=16", "--capture.attn_len=8", "--capture.snapshot_every=3",
-             "--log.plot=false"]
-# What TINY_ARGS capture (capture/schedule.py): the tests check the store agrees first.
-TINY_STEPS, TINY_FULL, TINY_SNAPSHOTS = [0, 1, 2, 4, 6, 8], [0, 1, 2, 4, 8], [0, 1, 2, 3, 6, 8]
-_RUNS: dict[str, Path] = {}
-
-
-def make_tiny_run(data: Path, tmp_path_factory) -> Path:
-    """One real tiny training run with capture, shared by every dashboard test module."""
-    if "tiny" not in _RUNS:
-        run = tmp_path_factory.mktemp("dash_runs") / "tiny"
-        r = run_cli(["-m", "trainer", "--data", str(data), "--run-dir", str(run), *TINY_ARGS])
-        assert r.returncode == 0, r.stderr[-3000:]
-        _RUNS["tiny"] = run
-    return _RUNS["tiny"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(shakespeare_data, tmp_path_factory) -> Path:
-    return make_tiny_run(shakespeare_data, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pytest
 
 from helpers import ROOT, env
 from store.reader import RunStore
-from test_dashboard_apptest import make_tiny_run
 
 pytestmark = pytest.mark.integration
 
@@ -30,15 +29,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(shakespeare_data, tmp_path_factory):
-    run = make_tiny_run(shakespeare_data, tmp_path_factory)
+def server(tiny_run, tmp_path_factory):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("streamlit") / "server.log", "w+")
     p = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
          "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--", "--run-dir", str(run)],
+         "--", "--run-dir", str(tiny_run)],
         cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -56,7 +54,7 @@ def server(shakespeare_data, tmp_path_factory):
         if p.poll() is not None:
             log.seek(0)
             pytest.fail(f"streamlit exited early:\n{log.read()[-3000:]}")
-        yield url, RunStore(run / "capture.zarr")
+        yield url, RunStore(tiny_run / "capture.zarr")
     finally:
         p.terminate()
         try:

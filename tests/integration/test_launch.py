@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load
 
-from helpers import ROOT, env, read_metrics, run_cli, torchrun
+from helpers import ROOT, env, ok, read_metrics, run_cli, torchrun, train_args
 from store.reader import RunStore
-from test_train import ok, train_args
 
 pytestmark = pytest.mark.integration
 

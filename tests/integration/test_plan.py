@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import ok, run_cli, train_args
 from store.reader import RunStore
-from test_train import ok, train_args
 
 pytestmark = pytest.mark.integration
 

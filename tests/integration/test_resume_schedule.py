@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import losses, run_cli, torchrun
+from helpers import losses, ok, popen, run_cli, torchrun, train_args, wait_for
 from store.reader import RunStore
-from test_train import _popen, _wait_for, ok, train_args
 from trainer import checkpoint
 
 pytestmark = pytest.mark.integration
@@ -134,9 +133,9 @@ def test_kill9_during_a_snapshot_hides_it_and_resume_rewrites_it(shakespeare_dat
             "--checkpoint.every=2"]
     run = tmp_path / "run"
     store_dir = run / "capture.zarr"
-    p = _popen(train_args(shakespeare_data, run, *wide, steps=10))
-    _wait_for(lambda: checkpoint.latest_step(run) is not None
-              and _torn_snapshot(store_dir) is not None, p, timeout=600)
+    p = popen(train_args(shakespeare_data, run, *wide, steps=10))
+    wait_for(lambda: checkpoint.latest_step(run) is not None
+             and _torn_snapshot(store_dir) is not None, p, timeout=600)
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
     torn = _torn_snapshot(store_dir)

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 
 from capture.schedule import Schedule
-from helpers import ROOT, env, losses, read_metrics
+from helpers import ROOT, TINY, env, losses, read_metrics
 from store.reader import RunStore
-from test_train import TINY
 from trainer import checkpoint
 from trainer.config import load_run_config
 

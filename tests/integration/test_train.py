@@ -5,37 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, env, losses, read_metrics, run_cli, torchrun
+from helpers import (STEPS, losses, ok, popen, read_metrics, run_cli, steps_logged, torchrun,
+                     train_args, wait_for)
 from trainer import checkpoint
 
 pytestmark = pytest.mark.integration
-
-STEPS = 12
-# 4 seqs x 32 tokens x 2 ranks = 256 tokens: 1 micro-batch per rank on 2 ranks, 2 on 1 rank.
-TINY = [
-    "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
-    "--train.micro_batch_size=4", "--train.global_batch_tokens=256", "--optim.lr=1e-2",
-    "--optim.warmup_steps=3", "--optim.decay_steps=12", "--eval.every=0", "--log.plot=false",
-    "--checkpoint.every=3",
-    "--checkpoint.keep_last=0",
-]
-
-
-def train_args(data: Path, run_dir: Path, *extra: str, steps: int = STEPS) -> list[str]:
-    return ["-m", "trainer", "--data", str(data), "--run-dir", str(run_dir),
-            "--max-steps", str(steps), *TINY, *extra]
-
-
-def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -60,40 +37,15 @@ def test_two_rank_fsdp_matches_one_process_and_learns(reference):
     assert checkpoint.list_complete(reference["two"]) == [3, 6, 9, 12]
 
 
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240) -> None:
-    t0 = time.time()
-    while not pred():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"run ended early ({proc.returncode}):\n{out}\n{err}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.05)
-
-
-def _steps_logged(run_dir: Path) -> int:
-    try:
-        return max(read_metrics(run_dir), default=0)
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
-def _popen(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-
-
 def test_sigterm_checkpoints_and_resume_is_exact(shakespeare_data, reference, tmp_path):
     """SIGTERM to torchrun reaches both ranks; they agree to stop at the same step boundary,
     checkpoint there and exit cleanly, and the resumed run continues bit for bit. (torchrun
     itself exits 1 after a SIGTERM whatever its workers do: it reports the signal.)"""
     run = tmp_path / "run"
     # Slow the run down a little (more steps) so the signal lands mid-run.
-    p = _popen(torchrun(2) + train_args(shakespeare_data, run, "--checkpoint.every=1000",
-                                        steps=STEPS)[1:])
-    _wait_for(lambda: _steps_logged(run) >= 2, p)
+    p = popen(torchrun(2) + train_args(shakespeare_data, run, "--checkpoint.every=1000",
+                                       steps=STEPS)[1:])
+    wait_for(lambda: steps_logged(run) >= 2, p)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert "stopped on signal SIGTERM" in out, err
@@ -108,8 +60,8 @@ def test_sigterm_checkpoints_and_resume_is_exact(shakespeare_data, reference, tm
 def test_kill9_then_resume_is_exact_and_torn_checkpoints_are_ignored(
         shakespeare_data, reference, tmp_path):
     run = tmp_path / "run"
-    p = _popen(train_args(shakespeare_data, run, "--checkpoint.every=2"))
-    _wait_for(lambda: checkpoint.latest_step(run) is not None and _steps_logged(run) >= 5, p)
+    p = popen(train_args(shakespeare_data, run, "--checkpoint.every=2"))
+    wait_for(lambda: checkpoint.latest_step(run) is not None and steps_logged(run) >= 5, p)
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
     last = checkpoint.latest_step(run)

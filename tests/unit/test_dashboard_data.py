@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from helpers import BPE, ROOT, env
 
 
@@ -33,6 +35,7 @@ def test_find_runs_and_store_url(tmp_path):
     assert store_url("s3://bucket/run/capture.zarr") == "s3://bucket/run/capture.zarr"
 
 
+@pytest.mark.usefixtures("shared")
 def test_decoder():
     from dashboard.data import make_decoder
     dec = make_decoder(str(BPE))

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import BPE
 from trainer.config import UserError
 from trainer.data import DistributedLoader, TokenWindows, encoding_for, load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
-BPE = str(ROOT.parent / "shared" / "data" / "gpt2.tiktoken")
 
 
 def make_dir(path: Path, shard_sizes: dict[str, list[int]], version: int = 1) -> Path:
@@ -174,6 +174,7 @@ def test_manifest_and_shard_errors_are_one_line(tmp_path):
     assert all("\n" not in str(c.value) for c in cases)
 
 
+@pytest.mark.usefixtures("shared")
 def test_reads_what_prepare_writes(tmp_path, monkeypatch):
     from trainer import prepare
 
@@ -183,8 +184,8 @@ def test_reads_what_prepare_writes(tmp_path, monkeypatch):
     text = tmp_path / "data_story.txt"
     text.write_text("\n\n".join(f"Paragraph {i} says hello to the loader." for i in range(30)))
     out = tmp_path / "prepared"
-    assert prepare.main(["--text", str(text), "--out", str(out), "--tokenizer-file", BPE,
-                         "--workers", "1", "--val-fraction", "0"]) == 0
+    assert prepare.main(["--text", str(text), "--out", str(out), "--tokenizer-file",
+                         str(BPE), "--workers", "1", "--val-fraction", "0"]) == 0
     m = load_manifest(out)
     w = TokenWindows(out, "train", seq_len=16, shuffle=False)
     assert w.num_windows == (m["num_tokens"]["train"] - 1) // 16

@@ -521,10 +521,9 @@ def _hf_logits(folder: Path, x: torch.Tensor) -> torch.Tensor:
         return hf(x).logits
 
 
+@pytest.mark.usefixtures("shared")
 def test_hf_export_loads_in_transformers(run_dir, capsys):
     pytest.importorskip("transformers")
-    if not BPE.is_file():
-        pytest.skip(f"{BPE} not found")
     out = run_dir / "hf6"
     rc, stdout, err = call(["--run-dir", run_dir, "--step", 6, "--format", "hf", "--out", out,
                             "--tokenizer-file", BPE], capsys)

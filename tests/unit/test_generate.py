@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import BPE
 from trainer.config import ModelConfig
 from trainer.generate import continuation_nll, generate_samples
 from trainer.model import GPT
 
 ROOT = Path(__file__).resolve().parents[2]
-BPE = ROOT.parent / "shared" / "data" / "gpt2.tiktoken"
 
 
 def _tiny(seed: int = 0, **over) -> GPT:
@@ -89,8 +89,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def _imported_run(tmp_path, *args: str):
     """(a tiny GPT, a run dir holding it as a step-0 checkpoint through import_hf)."""
     pytest.importorskip("transformers")
-    if not BPE.is_file():
-        pytest.skip(f"{BPE} not found")
     from trainer import import_hf
     from trainer.hf import to_hf
 
@@ -101,6 +99,7 @@ def _imported_run(tmp_path, *args: str):
     return m, run
 
 
+@pytest.mark.usefixtures("shared")
 def test_cli_on_imported_run(tmp_path):
     _, run = _imported_run(tmp_path)
     r = _cli("--run-dir", str(run), "--prompt", "ROMEO:", "--max-tokens", "12",
@@ -135,6 +134,7 @@ def _store_with_snapshots(url: str, models: dict[int, GPT]) -> None:
     w.close()
 
 
+@pytest.mark.usefixtures("shared")
 def test_cli_on_a_weight_snapshot(tmp_path):
     """--step N without a checkpoint of N samples from the weight snapshot of N in the
     run's store (and says so); greedy decoding is the bf16 weights' own."""

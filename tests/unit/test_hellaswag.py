@@ -8,19 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import BPE
 from trainer import hellaswag
 from trainer.config import ModelConfig, UserError
 from trainer.hellaswag import evaluate, load_examples, render
 from trainer.model import GPT
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "hellaswag_tiny.jsonl"
-BPE_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpt2.tiktoken"
 
 
 @pytest.fixture(scope="module")
-def enc():
-    if not BPE_FILE.is_file():
-        pytest.skip(f"GPT-2 BPE file not found at {BPE_FILE}")
+def enc(shared):
     try:
         from trainer.tokenizer import get_encoding
     except ImportError:
@@ -31,10 +29,10 @@ def enc():
         return tiktoken.Encoding(
             name="gpt2",
             pat_str=r50k_base()["pat_str"],
-            mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(BPE_FILE)),
+            mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(BPE)),
             special_tokens={"<|endoftext|>": 50256},
         )
-    return get_encoding(str(BPE_FILE))
+    return get_encoding(str(BPE))
 
 
 @pytest.fixture(scope="module")

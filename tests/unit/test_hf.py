@@ -14,11 +14,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import BPE, CORPUS  # noqa: E402
 from trainer import hf  # noqa: E402
 from trainer.config import ModelConfig, UserError  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 
-BPE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gpt2.tiktoken"
 TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50257)
 ATOL = 1e-4
 
@@ -50,11 +50,9 @@ def tiny() -> GPT:
 
 
 @pytest.fixture(scope="module")
-def encoding():
+def encoding(shared):
     from trainer.tokenizer import get_encoding
 
-    if not BPE.is_file():
-        pytest.skip(f"{BPE} not found")
     return get_encoding(str(BPE))
 
 
@@ -119,7 +117,7 @@ def test_saved_folder_loads_in_transformers(tiny, exported):
 
 def test_exported_tokenizer_matches_tiktoken(exported, encoding):
     tok = transformers.AutoTokenizer.from_pretrained(exported)
-    text = BPE.with_name("tinyshakespeare.txt").read_text()[:5000]
+    text = CORPUS.read_text()[:5000]
     text += " Hello world<|endoftext|>  don't \n\n ünïcode 日本語 123456"
     ids = encoding.encode(text, allowed_special="all")
     assert tok(text)["input_ids"] == ids

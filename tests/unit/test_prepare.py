@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import helpers
 from trainer import prepare
 from trainer.tokenizer import EOT, get_encoding
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data"
-BPE = str(SHARED / "gpt2.tiktoken")
-SHAKESPEARE = str(SHARED / "tinyshakespeare.txt")
+BPE, SHAKESPEARE = str(helpers.BPE), str(helpers.CORPUS)
+# Every test here tokenizes with the offline GPT-2 BPE (prepare loads it before anything else).
+pytestmark = pytest.mark.usefixtures("shared")
 
 
 @pytest.fixture(scope="module", autouse=True)

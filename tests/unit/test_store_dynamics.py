@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import test_store_util as u
+import store_util as u
+from store_util import effects, scores, write_capture
 from store.dynamics import neuron_events, phase_change
 from store.errors import StoreError
 from store.reader import RunStore
@@ -15,32 +16,6 @@ from store.schema import FULL, SUMMARY
 from store.writer import StoreWriter
 
 L, H, M, K = 3, u.H, 200, 4
-
-
-def scores(step: int) -> dict[str, np.ndarray]:
-    base = np.arange(L * H, dtype=np.float32).reshape(L, H) / 10
-    return {name: base + step + i for i, name in enumerate(u.DYNAMICS["head_scores"])}
-
-
-def effects(step: int, layer: int):
-    tok = (np.arange(M * K).reshape(M, K) * 7 + step + layer) % 50257
-    val = np.linspace(1, -1, M * K, dtype=np.float32).reshape(M, K) + step
-    return tok.astype(np.int32), val, (tok + 1).astype(np.int32), -val
-
-
-def write_capture(w: StoreWriter, slot: int, step: int, commit: bool = True,
-                  full: bool = True) -> None:
-    """One capture by rank 0's writer playing both ranks; the logit effects are full-tier."""
-    w.reserve(slot)
-    for rank in range(2):
-        u.write_part(w, slot, step, rank, 2, full=full)
-    w.write_head_scores(slot, scores(step))
-    w.write_lens(slot, np.array([3.0, 2.0, 1.0], np.float32) + step)
-    if full:
-        for layer in u.DYNAMICS["dla_layers"]:
-            w.write_dla(layer, slot, *effects(step, layer))
-    if commit:
-        w.commit(slot, step, SUMMARY | FULL if full else SUMMARY)
 
 
 def test_dynamics_round_trip_and_only_committed_captures_show(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-import test_store_util as u
+import store_util as u
 from store import CorruptStore, SchemaVersionError, StoreError, StoreNotFound
 from store.reader import RunStore
 from store.writer import StoreWriter

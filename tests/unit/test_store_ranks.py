@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-import test_store_util as u
+import store_util as u
 from store import CorruptStore, Layout, StoreError
 from store.reader import RunStore
 from store.schema import SLOT_BLOCK
@@ -21,7 +21,7 @@ def _rank_processes(tmp_path, url: str, captures: list) -> None:
     """Rank 0's create_or_open here, as the trainer; then two rank processes write every
     capture, rank 0 reserving each slot before rank 1 writes it."""
     ready = tmp_path / "ready"
-    procs = [u.run_py(f"import test_store_util as u; u.rank_worker({url!r}, {r}, 2, "
+    procs = [u.run_py(f"import store_util as u; u.rank_worker({url!r}, {r}, 2, "
                       f"{captures!r}, {str(ready)!r})") for r in range(2)]
     w = StoreWriter.create_or_open(url, u.layout())
     w.write_metrics("train", np.arange(1, 21), {"loss": np.array([u.loss(s) for s in

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-import test_store_util as u
+import store_util as u
 from store.errors import CorruptStore, StoreError
 from store.reader import RunStore
 from store.snapshots import MARKER, snapshot_key

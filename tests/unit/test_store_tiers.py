@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-import test_store_util as u
+import store_util as u
 from store.errors import StoreError
 from store.reader import RunStore
 from store.writer import StoreWriter

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import zarr
 
-import test_store_util as u
+import store_util as u
+from store_util import check_against_doc, effects, scores, write_capture
 from store import upgrade
 from store.errors import SchemaVersionError
 from store.reader import RunStore
 from store.schema import METRICS, STATS
 from store.writer import StoreWriter
-from test_store_dynamics import effects, scores, write_capture
-from test_store_schema import check_against_doc
 
 V1_COMMIT = "a90c00f15bc33209347cdd7f93b7bb104294af00"  # the last commit with schema 1
 SCHED = [0, 5, 10, 15]
@@ -296,7 +295,7 @@ def test_stores_it_cannot_convert_get_one_line_and_exit_2(tmp_path, capsys):
 V1_WRITER = """
 import sys
 sys.path[:0] = [{root!r}, {here!r}]
-import numpy as np, test_store_util as u, test_store_dynamics as d
+import numpy as np, store_util as u
 for m in [m for m in sys.modules if m == "store" or m.startswith("store.")]:
     del sys.modules[m]
 sys.path.insert(0, {old!r})
@@ -323,10 +322,10 @@ for slot, step in {committed!r}:
             for hook in u.HOOKS:
                 w.write_stats(hook, slot, u.stats(step, hook))
                 w.write_topk(hook, slot, *u.topk(step, hook))
-            w.write_head_scores(slot, d.scores(step))
+            w.write_head_scores(slot, u.scores(step))
             w.write_lens(slot, np.array([3, 2, 1], np.float32) + step)
             for layer in u.DYNAMICS["dla_layers"]:
-                w.write_dla(layer, slot, *d.effects(step, layer))
+                w.write_dla(layer, slot, *u.effects(step, layer))
         w.mark_done(slot, rank)
     ws[0].commit(slot, step)
 ws[1].write_tokens({torn}, 2, u.tokens(99, range(2, 4)))

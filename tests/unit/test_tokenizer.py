@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from helpers import BPE, CORPUS, SHARED
 from trainer.config import UserError
 from trainer.tokenizer import EOT, get_encoding
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-BPE = SHARED / "gpt2.tiktoken"
+TIKTOKEN_CACHE = SHARED / "data" / "tiktoken-cache"
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.usefixtures("shared")
 def test_local_file_encodes_like_gpt2():
     enc = get_encoding(str(BPE))
     assert enc.encode_ordinary("Hello world") == [15496, 995]
@@ -23,6 +24,7 @@ def test_local_file_encodes_like_gpt2():
     assert enc.decode(enc.encode_ordinary(text)) == text
 
 
+@pytest.mark.usefixtures("shared")
 def test_local_file_matches_r50k_from_cache_dir(tmp_path):
     # In a fresh interpreter: tiktoken keeps a process-wide registry of encodings.
     code = (
@@ -32,11 +34,11 @@ def test_local_file_matches_r50k_from_cache_dir(tmp_path):
         "assert a._mergeable_ranks == b._mergeable_ranks\n"
         "assert a._pat_str == b._pat_str and a._special_tokens == b._special_tokens\n"
         "assert a.n_vocab == b.n_vocab == 50257\n"
-        "t = open(" + repr(str(SHARED / "tinyshakespeare.txt")) + ").read()[:20000]\n"
+        "t = open(" + repr(str(CORPUS)) + ").read()[:20000]\n"
         "assert a.encode_ordinary(t) == b.encode_ordinary(t)\n"
         "print('ok')\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken-cache"),
+    env = {"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(TIKTOKEN_CACHE),
            "HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=60)
@@ -44,6 +46,7 @@ def test_local_file_matches_r50k_from_cache_dir(tmp_path):
     assert r.stdout.strip() == "ok"
 
 
+@pytest.mark.usefixtures("shared")
 def test_default_falls_back_to_r50k_offline(tmp_path):
     # "gpt2" needs vocab.bpe/encoder.json, which the cache dir lacks: get_encoding("") must
     # fall back to r50k_base. An unreachable proxy keeps this from touching the network.
@@ -52,7 +55,7 @@ def test_default_falls_back_to_r50k_offline(tmp_path):
         "e = get_encoding('')\n"
         "print(e.name, e.encode_ordinary('Hello world'))\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken-cache"),
+    env = {"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(TIKTOKEN_CACHE),
            "HOME": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9",
            "HTTP_PROXY": "http://127.0.0.1:9"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

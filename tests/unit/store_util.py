@@ -1,24 +1,33 @@
 """Helpers for the store tests (no tests here): a small layout, capture data that is a known
 function of the step (so any reader can verify what it sees), rank workers that run in
-their own processes, and a way to start them."""
+their own processes, and a way to start them; the training-dynamics captures; and the
+check of a store against docs/store.md's table."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import zarr
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from store.schema import FULL, STATS, SUMMARY, Layout  # noqa: E402
+from store.schema import FULL, SLOT_BLOCK, STATS, SUMMARY, Layout  # noqa: E402
+
+if TYPE_CHECKING:
+    from store.writer import StoreWriter
 
 P, T, H, K = 4, 8, 2, 3
 HOOKS = {"blocks.0.hook_resid_post": 16, "blocks.1.mlp.hook_post": 200}
@@ -206,5 +215,137 @@ def check_capture(rs, step: int, full: bool = True) -> None:
             np.testing.assert_array_equal(rs.attention(layer, step, s, head=1), want[1])
 
 
+# ----------------------------------------------------------------------------- dynamics
+
+def scores(step: int) -> dict[str, np.ndarray]:
+    """Each of DYNAMICS' head scores at `step`: [n_layers, H] float32."""
+    L = DYNAMICS["n_layers"]
+    base = np.arange(L * H, dtype=np.float32).reshape(L, H) / 10
+    return {name: base + step + i for i, name in enumerate(DYNAMICS["head_scores"])}
+
+
+def effects(step: int, layer: int):
+    """An MLP layer's neuron logit effects at `step`: top tokens, top values, bottom tokens,
+    bottom values, each [d_mlp, dla_k]."""
+    m, k = DYNAMICS["d_mlp"], DYNAMICS["dla_k"]
+    tok = (np.arange(m * k).reshape(m, k) * 7 + step + layer) % 50257
+    val = np.linspace(1, -1, m * k, dtype=np.float32).reshape(m, k) + step
+    return tok.astype(np.int32), val, (tok + 1).astype(np.int32), -val
+
+
+def write_capture(w: StoreWriter, slot: int, step: int, commit: bool = True,
+                  full: bool = True) -> None:
+    """One capture by rank 0's writer playing both ranks; the logit effects are full-tier."""
+    w.reserve(slot)
+    for rank in range(2):
+        write_part(w, slot, step, rank, 2, full=full)
+    w.write_head_scores(slot, scores(step))
+    w.write_lens(slot, np.array([3.0, 2.0, 1.0], np.float32) + step)
+    if full:
+        for layer in DYNAMICS["dla_layers"]:
+            w.write_dla(layer, slot, *effects(step, layer))
+    if commit:
+        w.commit(slot, step, SUMMARY | FULL if full else SUMMARY)
+
+
 def dump(obj) -> str:
     return json.dumps(obj)
+
+
+# ----------------------------------------------------------------------------- docs/store.md
+
+DOC = ROOT / "docs" / "store.md"
+
+
+def doc_table() -> list[dict]:
+    text = DOC.read_text()
+    section = text.split("## Arrays", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        path, dtype, shape, chunks, fill, codecs, writer, tier, dims = cells
+        rows.append(dict(path=path.strip("`"), dtype=dtype, shape=shape, chunks=chunks,
+                         fill=fill, codecs=[c.strip() for c in codecs.split(",")],
+                         writer=writer, tier="" if tier == "-" else tier,
+                         dims=[d.strip() for d in dims.split(",")]))
+    return rows
+
+
+def doc_stats() -> list[str]:
+    line = next(x for x in DOC.read_text().splitlines() if x.startswith("- `<stat>`"))
+    return re.findall(r"`([a-z_]+)`", line.split(":", 1)[1].split("(")[0])
+
+
+def expected_arrays(lay, C: int = SLOT_BLOCK) -> dict[str, dict]:
+    """The doc's table expanded for one layout: path -> row with concrete shape/chunks."""
+    R, N = (0, 0) if lay.repeated_tokens is None else np.asarray(lay.repeated_tokens).shape
+    sym = dict(C=C, P=lay.n_seqs, T=lay.seq_len, W=lay.world, k=lay.topk, A=lay.attn_seqs,
+               H=lay.n_heads, Ta=lay.attn_len, S=lay.max_steps, L=lay.n_layers, R=R, N=N,
+               M=lay.d_mlp, K=lay.dla_k, min=min)
+    optional = {"probe/tokens": lay.source == "probe",
+                "probe/repeated": lay.repeated_tokens is not None,
+                "lens/loss": lay.logit_lens, "loss/token": lay.token_loss,
+                "loss/icl": lay.token_loss}
+    out = {}
+    for row in doc_table():
+        if not optional.get(row["path"], True):
+            continue
+        hooks = [(None, None)]
+        if "<hook>" in row["path"]:
+            hooks = [("<hook>", h) for h in lay.act_hooks.items()]
+        elif "<stat_hook>" in row["path"]:
+            hooks = [("<stat_hook>", h) for h in lay.stat_hooks.items()]
+        stats = doc_stats() if "<stat>" in row["path"] else [None]
+        layers = lay.stored_attn_layers if "<layer>" in row["path"] else [None]
+        score_names = lay.head_scores if "<score>" in row["path"] else [None]
+        mlps = lay.dla_layers if "<mlp_layer>" in row["path"] else [None]
+        for place, hook in hooks:
+            for st, layer, score, mlp in itertools.product(stats, layers, score_names, mlps):
+                path = row["path"]
+                if place:
+                    path = path.replace(place, hook[0])
+                path = path.replace("<stat>", str(st)).replace("<layer>", str(layer)).replace(
+                    "<score>", str(score)).replace("<mlp_layer>", str(mlp))
+                env = dict(sym, D=hook[1] if place else None)
+                out[path] = dict(row, shape=tuple(eval(row["shape"].replace("[", "(")
+                                                       .replace("]", ",)"), {}, env)),
+                                 chunks=tuple(eval(row["chunks"], {}, env)))
+    return out
+
+
+def all_arrays(g: zarr.Group) -> dict[str, zarr.Array]:
+    return {path: a for path, a in g.members(max_depth=None) if isinstance(a, zarr.Array)}
+
+
+def check_against_doc(url, lay, C: int = SLOT_BLOCK) -> None:
+    """The arrays of the store at `url` are exactly the doc table's for `lay`, as plain zarr
+    and their zarr.json files show them; each row's tier is the schema's."""
+    g = zarr.open_group(str(url), mode="r")
+    want = expected_arrays(lay, C)
+    have = all_arrays(g)
+    assert sorted(have) == sorted(want)
+    tiers = {spec.path: spec.tier for spec in lay.array_specs(C)}
+    assert sorted(tiers) == sorted(want)
+    for path, row in want.items():
+        a = have[path]
+        assert str(a.dtype) == row["dtype"], path
+        assert a.shape == row["shape"], path
+        assert a.chunks == row["chunks"], path
+        assert tiers[path] == row["tier"], path
+        fill = float(row["fill"]) if row["fill"] == "NaN" else int(row["fill"])
+        if isinstance(fill, float) and math.isnan(fill):
+            assert np.isnan(a.fill_value), path
+        else:
+            assert a.fill_value == fill, path
+        meta = json.loads((url / path / "zarr.json").read_text())
+        codecs = [c["name"] + (f"({c['configuration']['level']})" if c["name"] == "zstd"
+                               else "") for c in meta["codecs"]]
+        assert codecs == row["codecs"], path
+        if meta["codecs"][0]["name"] == "bytes" and a.dtype.itemsize > 1:
+            assert meta["codecs"][0]["configuration"]["endian"] == "little"
+        assert meta["chunk_key_encoding"] == {"name": "default",
+                                              "configuration": {"separator": "."}}
+        assert meta["dimension_names"] == row["dims"], path
+        assert a.attrs["meaning"] and a.attrs["written_by"]
