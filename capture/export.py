@@ -71,6 +71,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -378,7 +379,7 @@ def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Pa
     source = str(rs.source)
     tokens = np.asarray(rs.tokens(step)).astype(np.int64)
     step_dir = out / f"step_{step}"
-    step_dir.mkdir(parents=True, exist_ok=True)
+    made = _make_dirs(step_dir)
     written: list[Path] = []
     total_bytes = sum(P * T * dims[h] * 2 for h in hooks)
     bar = tqdm(total=len(hooks) * P, unit="seq", desc=f"export step {step}", file=sys.stderr,
@@ -430,9 +431,35 @@ def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Pa
             finally:
                 acts = None
                 stage_path.unlink(missing_ok=True)
+    except BaseException:
+        # A failed (or interrupted) export leaves nothing: no step folder with some hooks.
+        for path in written:
+            path.unlink(missing_ok=True)
+        if made:  # the outermost folder this call created, with what is inside
+            shutil.rmtree(made[0], ignore_errors=True)
+        raise
     finally:
         bar.close()
     return written
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first); a place where no folder
+    can be made is the user's input, reported as such (not as a store that cannot be read)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"--out: {p} is a file, so {path} cannot be made; choose another "
+                        f"--out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot create {path} ({e.strerror}); choose a place you can "
+                        f"write to") from None
+    return list(reversed(missing))
 
 
 # ----------------------------------------------------------------------------- hf

@@ -5,12 +5,12 @@ without a Streamlit server (`benchmarks/dashboard_load.py`) and cached in one pl
 `cached_*` wrappers are keyed on (url, number of committed captures), so a live run's new
 captures are picked up on the next rerun while an unchanged store is read once.
 
-Imports: store, numpy, pandas, tiktoken, streamlit only (no torch, no trainer: fast start).
+Imports: store, numpy, pandas, tiktoken, streamlit, and trainer.tokenizer (the one tokenizer
+resolver; it imports no torch) only: no torch, for a fast start.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -129,20 +129,12 @@ def nearest_full(rs: RunStore, step: int) -> int | None:
 # ----------------------------------------------------------------------------- tokens
 
 def tokenizer_file(rs: RunStore) -> str | None:
-    """The GPT-2 BPE file of the run: data.tokenizer_file of its config, else the
-    prepared data's manifest.json (tokenizer.bpe_file)."""
+    """The GPT-2 BPE file of the run, found as every command finds it
+    (trainer.tokenizer.local_bpe_file); None without one (the dashboard then shows ids)."""
+    from trainer.tokenizer import local_bpe_file
+
     data = (rs.attrs.get("run") or {}).get("data") or {}
-    cands = [data.get("tokenizer_file") or ""]
-    if data.get("dir"):
-        try:
-            man = json.loads((Path(data["dir"]) / "manifest.json").read_text())
-            cands.append((man.get("tokenizer") or {}).get("bpe_file") or "")
-        except (OSError, ValueError, AttributeError):
-            pass
-    for c in cands:
-        if c and Path(c).is_file():
-            return c
-    return None
+    return local_bpe_file("", data.get("tokenizer_file") or "", data.get("dir") or "") or None
 
 
 def make_decoder(bpe_file: str | None) -> Callable[[int], str]:
@@ -150,13 +142,9 @@ def make_decoder(bpe_file: str | None) -> Callable[[int], str]:
     itself as `#id`."""
     if bpe_file:
         try:
-            import tiktoken
-            from tiktoken.load import load_tiktoken_bpe
-            from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+            from trainer.tokenizer import get_encoding
 
-            enc = tiktoken.Encoding(name="gpt2-dashboard", pat_str=r50k_pat_str,
-                                    mergeable_ranks=load_tiktoken_bpe(bpe_file),
-                                    special_tokens={ENDOFTEXT: 50256})
+            enc = get_encoding(bpe_file)
 
             def decode(t: int) -> str:
                 try:

@@ -18,11 +18,13 @@ import os
 import warnings
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
@@ -162,11 +164,59 @@ def load(
     info: tdist.DistInfo,
     step: int | None = None,
 ) -> dict[str, Any] | None:
-    """Load the given (or latest complete) checkpoint into model and optimizer, on every
-    rank (a collective). Returns its meta, or None when the run has no checkpoint."""
-    step = latest_step(run_dir) if step is None else step
-    if step is None:
+    """Load the given (or else the newest complete checkpoint that loads) into model and
+    optimizer, on every rank (a collective). A checkpoint that fails to load (a truncated
+    or unreadable file) is reported in one line and the one before it tried: DCP raises on
+    every rank alike, so every rank moves on together, and each attempt loads the whole
+    state again. Returns the meta, or None when the run has no checkpoint."""
+    steps = list_complete(run_dir) if step is None else [step]
+    if not steps:
         return None
+    failed: list[int] = []
+    first_why = ""
+    for s in reversed(steps):
+        try:
+            meta = _load_step(run_dir, s, model, optimizer, info)
+        except UserError:
+            raise
+        # DCP's (a BaseException, carrying every rank's failure), torch.load's, a bad meta.json
+        except (Exception, CheckpointException) as e:
+            why = _brief(e)
+            first_why = first_why or why
+            if step is not None:
+                raise UserError(f"checkpoint {step_dir(run_dir, s)} cannot be loaded: {why}"
+                                ) from None
+            if info.is_main:
+                print(f"warning: checkpoint {step_dir(run_dir, s)} cannot be loaded ({why}); "
+                      f"trying the one before it", file=sys.stderr, flush=True)
+            failed.append(s)
+            continue
+        if failed and info.is_main:
+            print(f"resuming from step {s}, the newest checkpoint that loads "
+                  f"(not {', '.join(map(str, failed))})", file=sys.stderr, flush=True)
+        return meta
+    raise UserError(f"no checkpoint in {ckpt_root(run_dir)} can be loaded (steps "
+                    f"{', '.join(map(str, steps))}); the newest failed with: "
+                    f"{first_why}; start a new --run-dir (or delete {ckpt_root(run_dir)} to "
+                    f"start this run over)")
+
+
+def _brief(e: BaseException) -> str:
+    """One line for a failed load: the first rank's own exception (DCP wraps every rank's
+    failure, tracebacks included, in one CheckpointException)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))  # (exception, its traceback's frames)
+        e = inner[0] if isinstance(inner, tuple) else getattr(inner, "exception", inner)
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    if not text and isinstance(e, EOFError):
+        text = "a file ends early (truncated)"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _load_step(run_dir: str | Path, step: int, model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer | None, info: tdist.DistInfo
+               ) -> dict[str, Any]:
     path = step_dir(run_dir, step)
     if not (path / META).is_file():
         raise UserError(f"no complete checkpoint for step {step} in {ckpt_root(run_dir)}")

@@ -115,9 +115,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
-        for name in ("max_steps", "micro_batch_size", "global_batch_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        check_range("train", self, positive=("max_steps", "micro_batch_size",
+                                             "global_batch_tokens", "grad_clip"),
+                    nonnegative=("seq_len",))
 
 
 @dataclass
@@ -131,6 +131,13 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # on matrices (weights, embeddings), not biases or gains
     fused: str = "auto"  # auto | true | false (fused AdamW kernels; auto = on CUDA)
+
+    def validate(self) -> None:
+        check_range("optim", self, positive=("lr", "eps"),
+                    nonnegative=("warmup_steps", "decay_steps", "weight_decay"),
+                    fraction=("min_lr_ratio",), below_one=("beta1", "beta2"))
+        if self.fused not in ("auto", "true", "false"):
+            raise ConfigError(f"optim.fused must be auto, true or false; got {self.fused!r}")
 
 
 @dataclass
@@ -151,12 +158,16 @@ class ParallelConfig:
         if self.device not in ("auto", "cuda", "mps", "cpu"):
             raise ConfigError(
                 f"parallel.device must be auto, cuda, mps or cpu; got {self.device!r}")
+        check_range("parallel", self, nonnegative=("shard_size",))
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 500  # steps; the final step is always saved
-    keep_last: int = 3
+    keep_last: int = 3  # 0: keep every checkpoint
+
+    def validate(self) -> None:
+        check_range("checkpoint", self, positive=("every",), nonnegative=("keep_last",))
 
 
 @dataclass
@@ -170,6 +181,11 @@ class EvalConfig:
     sample_temperature: float = 1.0
     sample_top_k: int = 50
 
+    def validate(self) -> None:
+        check_range("eval", self, positive=("val_batches",),
+                    nonnegative=("every", "hellaswag_examples", "sample_tokens",
+                                 "sample_temperature", "sample_top_k"))
+
 
 @dataclass
 class LogConfig:
@@ -177,6 +193,9 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "gpt2-capture"
     plot: bool = True  # loss-curve PNG in the run dir at the end
+
+    def validate(self) -> None:
+        check_range("log", self, positive=("every",))
 
 
 @dataclass
@@ -193,9 +212,9 @@ class RunConfig:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
 
     def validate(self) -> "RunConfig":
-        self.model.validate()
-        self.train.validate()
-        self.parallel.validate()
+        for section in (self.model, self.train, self.optim, self.parallel, self.checkpoint,
+                        self.eval, self.log):
+            section.validate()
         try:
             self.capture.validate(self.model.block_size)  # capture checks its own settings
         except CaptureConfigError as e:
@@ -220,6 +239,20 @@ class RunConfig:
 # ----------------------------------------------------------------------------- loading
 
 _SCALARS = (bool, int, float, str)
+
+
+def check_range(section: str, cfg, positive=(), nonnegative=(), fraction=(), below_one=()
+                ) -> None:
+    """Values outside their meaning, one ConfigError line each: > 0, >= 0, in [0, 1],
+    in [0, 1)."""
+    rules = [(positive, lambda v: v > 0, "positive"), (nonnegative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]"),
+             (below_one, lambda v: 0 <= v < 1, "in [0, 1)")]
+    for names, ok, what in rules:
+        for name in names:
+            v = getattr(cfg, name)
+            if not ok(v):
+                raise ConfigError(f"{section}.{name} must be {what}, got {v}")
 
 
 def _divisors(n: int) -> str:

@@ -58,17 +58,6 @@ def load_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
-def encoding_for(manifest: dict, tokenizer_file: str = ""):
-    """The tokenizer of a data dir: `tokenizer_file` if given, else the BPE file prepare
-    used if it is still there, else tiktoken's own (same tokenizer either way)."""
-    from trainer.tokenizer import get_encoding
-
-    if not tokenizer_file:
-        recorded = manifest.get("tokenizer", {}).get("bpe_file", "")
-        tokenizer_file = recorded if recorded and Path(recorded).is_file() else ""
-    return get_encoding(tokenizer_file)
-
-
 class TokenWindows:
     """Stateless, deterministic access to the seq_len+1 token windows of one split."""
 

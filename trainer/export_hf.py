@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> Path:
     model, cfg, step = loaded.model, loaded.cfg, loaded.step
     encoding = None
     if not args.no_tokenizer:
-        from trainer.generate import resolve_encoding
+        from trainer.tokenizer import resolve
 
         try:
-            encoding = resolve_encoding(cfg, args.tokenizer_file)
+            encoding = resolve(args.tokenizer_file, cfg)
         except UserError as e:
             if args.tokenizer_file:  # asked for explicitly: that is an error
                 raise

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.cli import run_cli
-from trainer.config import RunConfig, UserError
+from trainer.config import UserError
 
 
 def continuation_nll(model, seq: torch.Tensor, start: int) -> torch.Tensor:
@@ -51,22 +51,6 @@ def continuation_nll(model, seq: torch.Tensor, start: int) -> torch.Tensor:
             logits = model(seq[:, t - T : t])[:, -1].float()
             out.append(-F.log_softmax(logits, dim=-1).gather(-1, seq[:, t : t + 1]))
     return torch.cat(out, dim=1) if out else seq.new_zeros((B, 0), dtype=torch.float32)
-
-
-def resolve_encoding(cfg: RunConfig, tokenizer_file: str | None):
-    """The run's tokenizer: flag, then data.tokenizer_file, then prepare's record, then tiktoken."""
-    from trainer.tokenizer import get_encoding
-
-    if tokenizer_file:
-        return get_encoding(tokenizer_file)
-    if cfg.data.tokenizer_file:
-        return get_encoding(cfg.data.tokenizer_file)
-    try:
-        from trainer.data import encoding_for, load_manifest
-
-        return encoding_for(load_manifest(cfg.data.dir))
-    except UserError:  # no data dir here (e.g. an imported run): tiktoken's own
-        return get_encoding("")
 
 
 def _device(name: str) -> str:
@@ -113,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     from trainer.snapshots import load_model_at
-    from trainer.tokenizer import EOT
+    from trainer.tokenizer import EOT, resolve
 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
@@ -126,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
 
     loaded = load_model_at(args.run_dir, step=args.step, device=_device(args.device))
     model, cfg, step = loaded.model, loaded.cfg, loaded.step
-    enc = resolve_encoding(cfg, args.tokenizer_file)
+    enc = resolve(args.tokenizer_file, cfg)
     prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
     too_big = [t for t in prompt_ids if t >= cfg.model.vocab_size]
     if too_big:

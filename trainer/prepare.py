@@ -46,6 +46,7 @@ from typing import Iterator
 
 import numpy as np
 
+from trainer.cli import check_output_dir
 from trainer.config import UserError
 from trainer.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
@@ -303,6 +304,7 @@ def prepare(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     _check_args(a)
     out = Path(a.out).resolve()
+    check_output_dir(out, "--out")
     if out.exists() and not a.overwrite:
         raise UserError(f"{a.out!r} already exists; pass --overwrite to replace it")
     enc = get_encoding(a.tokenizer_file)  # fails early, before any reading

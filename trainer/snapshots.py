@@ -259,8 +259,7 @@ def _hf_encoding(rs, run_dir: Path | None, tokenizer_file: str | None):
     (RUN/config.toml, or the run config the store keeps), as trainer.export_hf finds it;
     None, with a warning, when there is none to be had."""
     from trainer.config import from_dict
-    from trainer.generate import resolve_encoding
-    from trainer.tokenizer import get_encoding
+    from trainer.tokenizer import get_encoding, resolve
 
     if tokenizer_file:  # asked for explicitly: a bad file is an error
         return get_encoding(tokenizer_file)
@@ -273,7 +272,7 @@ def _hf_encoding(rs, run_dir: Path | None, tokenizer_file: str | None):
     except (UserError, ValueError, TypeError, KeyError):
         cfg = None  # then tiktoken's own, below
     try:
-        return resolve_encoding(cfg, None) if cfg is not None else get_encoding("")
+        return resolve(cfg=cfg)
     except UserError as e:
         print(f"warning: exporting without tokenizer files: {e}", file=sys.stderr)
         return None

@@ -1,4 +1,5 @@
-"""The GPT-2 tokenizer (tiktoken), from the internet or from a local BPE file.
+"""The GPT-2 tokenizer (tiktoken), from the internet or from a local BPE file, and the one
+place every command finds a run's tokenizer (`resolve`, `local_bpe_file`).
 
 Two ways to get the same tokenizer, one code path:
 - `get_encoding()`: tiktoken's own "gpt2", downloaded once into tiktoken's cache. Offline,
@@ -11,6 +12,7 @@ Two ways to get the same tokenizer, one code path:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import tiktoken
@@ -27,6 +29,32 @@ VOCAB_SIZE = 50257  # 50256 BPE ranks + <|endoftext|>
 R50K_PAT_STR = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 )
+
+
+def local_bpe_file(tokenizer_file: str = "", data_tokenizer_file: str = "",
+                   data_dir: str = "") -> str:
+    """The local BPE file a command uses, "" for tiktoken's own, in this order: a file
+    given on the command line, the run config's data.tokenizer_file (either used as given: a
+    bad one is an error), the file `trainer.prepare` recorded in the data dir's manifest
+    when it is still there."""
+    if tokenizer_file or data_tokenizer_file:
+        return tokenizer_file or data_tokenizer_file
+    if data_dir:
+        try:
+            manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+            recorded = manifest.get("tokenizer", {}).get("bpe_file", "") or ""
+        except (OSError, ValueError, AttributeError):
+            recorded = ""
+        if recorded and Path(recorded).is_file():
+            return recorded
+    return ""
+
+
+def resolve(tokenizer_file: str = "", cfg=None, data_dir: str = "") -> tiktoken.Encoding:
+    """A run's tokenizer (`cfg`: its RunConfig, if any): see `local_bpe_file`."""
+    data = cfg.data if cfg is not None else None
+    return get_encoding(local_bpe_file(tokenizer_file, data.tokenizer_file if data else "",
+                                       data_dir or (data.dir if data else "")))
 
 
 def get_encoding(bpe_file: str = "") -> tiktoken.Encoding:

@@ -25,6 +25,7 @@ from capture.config import CaptureConfigError
 from store.errors import StoreError
 from trainer import capture_setup, checkpoint
 from trainer import config as config_mod
+from trainer.cli import check_output_dir
 from trainer import dist as tdist
 from trainer.config import ConfigError, RunConfig, UserError
 from trainer.data import DistributedLoader, TokenWindows, load_manifest
@@ -109,6 +110,7 @@ def _shape(m) -> str:
 
 def check_run_dir(cfg: RunConfig, resume: bool) -> None:
     run_dir = Path(cfg.run_dir)
+    check_output_dir(run_dir, "--run-dir")
     if (run_dir / "config.toml").is_file():
         old = config_mod.load_run_config(run_dir)
         if old.model != cfg.model:
@@ -383,13 +385,12 @@ def _autocast(cfg: RunConfig, info: tdist.DistInfo):
 
 
 def _tokenizer(cfg: RunConfig, manifest: dict, is_main: bool):
-    from trainer.tokenizer import get_encoding
+    from trainer.tokenizer import resolve
 
     if manifest.get("tokenizer", {}).get("name") == "none" and not cfg.data.tokenizer_file:
         return None  # synthetic token ids (trainer.synthetic): no text to sample
-    bpe = cfg.data.tokenizer_file or manifest.get("tokenizer", {}).get("bpe_file", "")
     try:
-        return get_encoding(bpe)
+        return resolve(cfg=cfg)
     except UserError as e:
         if is_main:
             print(f"warning: no tokenizer, so no text samples: {e}", file=sys.stderr)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BPE, ok, run_cli, train_args
+from helpers import BPE, CORPUS, losses, ok, run_cli, torchrun, train_args
+from trainer import checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,14 @@ def tree_digest(path: Path) -> str:
     (["--train.global_batch_tokens=100"], "must be a multiple of micro_batch_size x seq_len"),
     (["--parallel.cpu_offload=true"], "with no GPU it has nothing to offload"),
     (["--capture.hooks=blocks.7.mlp.hook_post"], "matches no hook of this model; valid:"),
+    # values outside their meaning: refused at load, before anything is written
+    (["--optim.lr=-0.003"], "optim.lr must be positive, got -0.003"),
+    (["--optim.min_lr_ratio=1.5"], "optim.min_lr_ratio must be in [0, 1], got 1.5"),
+    (["--optim.beta2=1.0"], "optim.beta2 must be in [0, 1), got 1.0"),
+    (["--optim.warmup_steps=-5"], "optim.warmup_steps must be >= 0"),
+    (["--checkpoint.every=0"], "checkpoint.every must be positive"),
+    (["--train.grad_clip=0"], "train.grad_clip must be positive"),
+    (["--log.every=0"], "log.every must be positive"),
 ])
 def test_bad_config(shakespeare_data, tmp_path, extra, msg):
     fails_with(run_cli(train_args(shakespeare_data, tmp_path / "run", *extra)), msg)
@@ -84,3 +93,46 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(shakespeare_data, tmp_p
     from trainer import checkpoint
     last = checkpoint.latest_step(run)
     assert f"Last good checkpoint: step {last}" in r.stderr
+
+
+def test_outputs_that_cannot_be_made(shakespeare_data, tmp_path):
+    """A run dir or a data folder where none can be made: one line naming the flag, and
+    nothing written."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    fails_with(run_cli(train_args(shakespeare_data, a_file)), "--run-dir")
+    fails_with(run_cli(train_args(shakespeare_data, a_file / "run")), "is a file")
+    fails_with(run_cli(train_args(shakespeare_data, Path("/proc/no/run"))), "cannot create")
+    for out in (a_file / "data", Path("/proc/no/data")):
+        fails_with(run_cli(["-m", "trainer.prepare", "--text", str(CORPUS), "--out",
+                            str(out), "--tokenizer-file", str(BPE)]), "--out")
+    assert a_file.read_text() == "kept" and sorted(tmp_path.iterdir()) == [a_file]
+
+
+def test_truncated_latest_checkpoint_resumes_from_the_one_before(shakespeare_data, tmp_path):
+    """The newest checkpoint cut short (a rank's shard file truncated): one line says so,
+    the run resumes from the newest checkpoint that loads and continues bit for bit; when
+    none loads, one error line and exit 2."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    args = ["--checkpoint.every=3", "--capture.enabled=false"]
+    ok(run_cli(torchrun(2) + train_args(shakespeare_data, ref, *args, steps=8)[1:]))
+    ok(run_cli(torchrun(2) + train_args(shakespeare_data, run, *args, steps=6)[1:]))
+    shard = sorted((run / "checkpoints" / "step_00000006").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    r = ok(run_cli(torchrun(2) + train_args(shakespeare_data, run, *args, "--resume",
+                                            steps=8)[1:]))
+    assert "Traceback" not in r.stderr
+    notes = [x for x in r.stderr.splitlines() if x.startswith(("warning:", "resuming"))]
+    assert len(notes) == 2 and "step_00000006 cannot be loaded" in notes[0], r.stderr
+    assert "resuming from step 3" in notes[1]
+    assert losses(run) == losses(ref)  # steps 4-8 redone exactly as the uninterrupted run
+
+    for step in checkpoint.list_complete(run):  # now every checkpoint is broken
+        for f in (run / "checkpoints" / f"step_{step:08d}").glob("*.distcp"):
+            f.write_bytes(b"")
+    # (one process this time: torchrun adds its own report of a failed worker)
+    r = run_cli(train_args(shakespeare_data, run, *args, "--resume", steps=10))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert all(x.startswith("warning: checkpoint") for x in lines[:-1]), r.stderr
+    assert lines[-1].startswith("error: no checkpoint in") and "can be loaded" in lines[-1]

@@ -9,7 +9,8 @@ import torch
 
 from helpers import BPE
 from trainer.config import UserError
-from trainer.data import DistributedLoader, TokenWindows, encoding_for, load_manifest
+from trainer.data import DistributedLoader, TokenWindows, load_manifest
+from trainer.tokenizer import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,6 +191,6 @@ def test_reads_what_prepare_writes(tmp_path, monkeypatch):
     w = TokenWindows(out, "train", seq_len=16, shuffle=False)
     assert w.num_windows == (m["num_tokens"]["train"] - 1) // 16
     x, y = w.get([0])
-    enc = encoding_for(m)
+    enc = resolve(data_dir=str(out))  # the BPE file prepare recorded in the manifest
     assert enc.name == "gpt2" and x[0, 0] == 50256  # EOT before the first document
     assert enc.decode(x[0, 1:].tolist()).startswith("Paragraph 0 says hello")

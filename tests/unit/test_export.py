@@ -249,8 +249,9 @@ def test_progress_bar_when_large(run_dir, capsys, monkeypatch):
     assert rc == 0 and "/12" not in err
 
 
-def test_interrupted_export_leaves_no_partial_file(run_dir, capsys, monkeypatch):
-    """A failure in the middle of a file's write: no file under that final name, no temp."""
+def test_interrupted_export_leaves_nothing(run_dir, capsys, monkeypatch):
+    """An interruption in the middle of the second file's write: no file under that final
+    name, no temp, and no step folder holding the first hook alone."""
     real = torch.save
     calls = []
 
@@ -265,9 +266,30 @@ def test_interrupted_export_leaves_no_partial_file(run_dir, capsys, monkeypatch)
     monkeypatch.setattr(torch, "save", flaky)
     rc, _, err = call(["--run-dir", run_dir, "--step", 3], capsys)
     assert rc == 130
-    d = run_dir / "exports" / "step_3"
-    assert [p.name for p in d.iterdir()] == ["blocks.0.hook_resid_post.pt"]  # the first only
-    assert leftovers(run_dir / "exports") == []
+    assert len(calls) == 2  # the first file was written whole, then removed with its folder
+    assert not (run_dir / "exports").exists()
+
+
+def test_failed_export_into_an_existing_folder_removes_only_its_own_files(run_dir, capsys):
+    out = run_dir / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's")
+    chunks = list((run_dir / "capture.zarr" / "acts" / "blocks.4.hook_resid_post").glob("c*"))
+    assert chunks
+    for c in chunks:
+        c.write_bytes(b"not a chunk")  # the second hook's data is unreadable
+    rc, _, err = call(["--run-dir", run_dir, "--step", 3, "--out", out], capsys)
+    fails_with(rc, err)
+    assert sorted(p.name for p in out.rglob("*")) == ["keep.txt"]
+
+
+def test_unwritable_out_is_named_as_such(made, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out, msg in ((tmp_path / "file" / "x", "is a file"),
+                     (Path("/proc/no/such"), "cannot create")):
+        rc, _, err = call(["--run-dir", made, "--step", 3, "--out", out], capsys)
+        line = fails_with(rc, err, "--out", msg)
+        assert "cannot read store" not in line
 
 
 # ----------------------------------------------------------------------------- locating
@@ -438,9 +460,7 @@ def test_corrupt_metadata(run_dir, capsys, node):
     rc, _, err = call(["--run-dir", run_dir, "--step", 3], capsys)
     fails_with(rc, err)
     assert leftovers(run_dir) == []
-    if (run_dir / "exports").exists():  # what was written before the broken array is whole
-        for p in (run_dir / "exports").rglob("*.pt"):
-            torch.load(p, weights_only=True)
+    assert not (run_dir / "exports").exists()  # a failed export leaves no folder behind
 
 
 def test_cli_subprocess(made, tmp_path):
