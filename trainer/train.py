@@ -126,6 +126,25 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
         )
 
 
+def check_data_matches_config(cfg: RunConfig, manifest: dict) -> None:
+    """Synthetic token ids (trainer.synthetic: no tokenizer, a small vocabulary) under a
+    config made for GPT-2's tokenizer: the run would train, on 0.1% of its unembedding, and
+    its text samples, HellaSwag and decoded tokens would mean nothing. Refused."""
+    if manifest.get("tokenizer", {}).get("name") != "none":
+        return
+    data_vocab = int(manifest.get("vocab_size", 0))
+    wants_text = [k for k, v in (("data.tokenizer_file", cfg.data.tokenizer_file),
+                                 ("eval.hellaswag_file", cfg.eval.hellaswag_file)) if v]
+    if cfg.model.vocab_size >= 50257 > data_vocab or wants_text:
+        why = (f"sets {', '.join(wants_text)}" if wants_text else
+               f"has model.vocab_size {cfg.model.vocab_size} (GPT-2's tokenizer)")
+        raise UserError(f"data dir {cfg.data.dir} holds synthetic token ids below {data_vocab} "
+                        f"(no tokenizer), but this config {why}; train it with "
+                        f"--model.vocab_size={data_vocab} and no tokenizer or HellaSwag file "
+                        f"(as configs/induction.toml does), or use a data dir made by "
+                        f"trainer.prepare")
+
+
 def write_config(cfg: RunConfig) -> None:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +288,7 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
                         f"{int(manifest['vocab_size']) - 1} but model.vocab_size is "
                         f"{cfg.model.vocab_size}; raise model.vocab_size to at least "
                         f"{manifest['vocab_size']}")
+    check_data_matches_config(cfg, manifest)
     windows = TokenWindows(cfg.data.dir, "train", cfg.seq_len, seed=cfg.data.seed)
     TokenWindows(cfg.data.dir, "val", cfg.seq_len, shuffle=False)  # fail early if too short
     accum = grad_accum_steps(cfg, info.world)

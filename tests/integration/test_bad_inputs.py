@@ -136,3 +136,17 @@ def test_truncated_latest_checkpoint_resumes_from_the_one_before(shakespeare_dat
     lines = r.stderr.strip().splitlines()
     assert all(x.startswith("warning: checkpoint") for x in lines[:-1]), r.stderr
     assert lines[-1].startswith("error: no checkpoint in") and "can be loaded" in lines[-1]
+
+
+def test_synthetic_data_under_a_gpt2_tokenizer_config(tmp_path):
+    """Synthetic token ids (no tokenizer, vocabulary 32) under a config made for GPT-2's
+    tokenizer: refused before anything is written, naming the fix."""
+    data = tmp_path / "synthetic"
+    ok(run_cli(["-m", "trainer.synthetic", "--out", str(data), "--vocab", "32",
+                "--tokens", "20000", "--val-tokens", "4096"]))
+    fails_with(run_cli(train_args(data, tmp_path / "run")),
+               "holds synthetic token ids below 32")
+    fails_with(run_cli(train_args(data, tmp_path / "run", "--model.vocab_size=32",
+                                  f"--data.tokenizer_file={BPE}")),
+               "sets data.tokenizer_file")
+    assert not (tmp_path / "run").exists()
