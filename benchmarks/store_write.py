@@ -10,6 +10,8 @@ the capture writer does. In one script, into the same folder (so the same file s
 - tofile/call:   numpy.tofile of each call's [n, T, D] into one new file (the baseline)
 - tofile/chunk:  numpy.tofile of each sequence into its own file (same file count as zarr)
 - StoreWriter:   write_acts, whole chunks written concurrently by `threads` threads
+- zarr slice:    plain zarr-python, one assignment per call (zarr writes the slice's
+                 chunks concurrently, up to async.concurrency), same array
 - zarr loop:     plain zarr-python, one chunk per assignment (the naive way), same array
 
 Each round writes every variant once, in a rotating order, after `sync` (untimed) so no
@@ -91,6 +93,14 @@ def run_writer(w: StoreWriter, captures, hooks, data) -> int:
     return total
 
 
+def run_zarr_slice(arrays: dict, captures, hooks, data) -> int:
+    total = 0
+    for slot, hook, start, a in calls(captures, hooks, data):
+        arrays[hook][slot, start:start + a.shape[0]] = a
+        total += a.nbytes
+    return total
+
+
 def run_zarr_loop(arrays: dict, captures, hooks, data) -> int:
     total = 0
     for slot, hook, start, a in calls(captures, hooks, data):
@@ -129,6 +139,7 @@ def main() -> None:
           f"{zarr.config.get('async.concurrency')}")
 
     variants = ["tofile/call", "tofile/chunk"] + [f"StoreWriter threads={t}" for t in threads]
+    variants.append("zarr slice (1 assign/call)")
     if not args.no_zarr_loop:
         variants.append("zarr loop (1 chunk/assign)")
     speeds: dict[str, list[float]] = {v: [] for v in variants}
@@ -146,7 +157,8 @@ def main() -> None:
                     w = make_writer(d, args.captures, hooks, 1)
                     arrays = {h: zarr.open_array(str(d / "s.zarr"), path=f"acts/{h}", mode="r+")
                               for h in hooks}
-                    fn = lambda: run_zarr_loop(arrays, args.captures, hooks, data)  # noqa: E731
+                    run = run_zarr_slice if "slice" in v else run_zarr_loop
+                    fn = lambda: run(arrays, args.captures, hooks, data)  # noqa: E731
                 elif v == "tofile/call":
                     fn = lambda: run_tofile_call(d, args.captures, hooks, data)  # noqa: E731
                 else:
@@ -175,6 +187,10 @@ def main() -> None:
               f"{statistics.median(paired):.2f}); "
               f"{statistics.median(speeds[best]) / chunk_mb:.2f} against one file per sequence "
               f"(the same file count as the store); target >= 0.8")
+        zs = statistics.median(speeds["zarr slice (1 assign/call)"])
+        print(f"zarr's own slice write / numpy.tofile: {zs / base_mb:.2f} (one file per call), "
+              f"{zs / chunk_mb:.2f} (one file per sequence); StoreWriter / zarr slice: "
+              f"{statistics.median(speeds[best]) / zs:.2f}")
         if chunk_mb > base_mb:
             print("(here numpy.tofile of one few-MB file per call is slower than of one ~0.4 MB "
                   "file per sequence: the file system's doing, hence both baselines)")
