@@ -35,6 +35,10 @@ WHEELS=(
   datasets==5.2.0
   dill==0.4.1
   multiprocess==0.70.19
+  tyro==1.0.17
+  docstring-parser==0.18.0
+  typeguard==4.6.1
+  tomli-w==1.2.0
 )
 
 # Warn (not fail) when .venv moved on: the pins above should follow it.

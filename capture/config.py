@@ -7,14 +7,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from store.errors import UserError
 
-class CaptureConfigError(ValueError):
+
+class CaptureConfigError(UserError):
     """A capture setting that cannot work: reported as one line, never a traceback."""
 
 
 @dataclass
 class CaptureConfig:
-    enabled: bool = True
+    enabled: bool = True  # false: train without capture
     source: str = "probe"  # probe: a fixed held-out set | train: the live training micro-batch
     # Three tiers, each on its own schedule (capture/schedule.py): step 0 (at_init), the
     # early steps 1, 2, 4, 8, ... below the tier's cadence (log_early), every multiple of
@@ -22,8 +24,9 @@ class CaptureConfig:
     # summary, every `every` steps: per-neuron statistics and top-k of `summary_hooks` (and
     # of `hooks`), head scores, the logit lens, the per-token probe loss. KB to a few MB.
     every: int = 20
-    log_early: bool = True
-    at_init: bool = True
+    log_early: bool = True  # also steps 1, 2, 4, 8, ... below each tier's cadence
+    at_init: bool = True  # also step 0, before any update
+    # Hooks whose statistics the summary tier keeps (comma-separated names or patterns).
     summary_hooks: str = "blocks.*.hook_resid_post,blocks.*.mlp.hook_post"
     # full, every `full_every` steps (0: never): also the activations of `hooks`, the
     # attention patterns and the neuron logit effects.
@@ -40,7 +43,7 @@ class CaptureConfig:
     # safetensors with the model config, inside the store; any snapshot step loads as a
     # model later, whatever checkpoint.keep_last kept.
     snapshot_every: int = 1000
-    snapshot_dtype: str = "bf16"
+    snapshot_dtype: str = "bf16"  # bf16 | fp16
     budget: str = "50GB"  # the whole plan (every tier and snapshot) must fit; "" = no limit
     probe_seqs: int = 16  # P: probe sequences (split across ranks: a multiple of world size)
     probe_len: int = 0  # T: tokens per probe sequence; 0 = train.seq_len

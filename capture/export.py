@@ -78,13 +78,11 @@ from pathlib import Path
 
 import numpy as np
 
+from store.errors import UserError, run_cli
+
 SEEDS_HOOK = "blocks.4.hook_resid_post"
 PROGRESS_MIN_BYTES = 64 << 20  # show a progress bar from this many activation bytes on
 STORE_DIR = "capture.zarr"
-
-
-class UserError(Exception):
-    """Bad input; main() prints it as one `error:` line and exits 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -471,14 +469,10 @@ def export_hf(rs, run_dir: Path | None, step: int, out: Path,
     # The export CLI reads the store and needs no trainer; the model class (in the trainer)
     # is needed for this format only, so the trainer is imported here, not at the top.
     try:
-        from trainer.config import UserError as TrainerUserError
         from trainer.snapshots import save_snapshot_hf
     except ImportError as e:  # capture installed without this project's trainer
         raise UserError(f"--format hf needs this project's trainer package: {e}") from None
-    try:
-        return save_snapshot_hf(rs, run_dir, step, out, tokenizer_file)
-    except TrainerUserError as e:
-        raise UserError(str(e)) from None
+    return save_snapshot_hf(rs, run_dir, step, out, tokenizer_file)
 
 
 # ----------------------------------------------------------------------------- main
@@ -541,11 +535,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        return run(args)
-    except UserError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return run_cli(lambda: run(build_parser().parse_args(argv)))
     except KeyboardInterrupt:
         print("error: interrupted; no partial file was left under a final name",
               file=sys.stderr)

@@ -1,23 +1,12 @@
-"""What every command-line entry point shares: bad input is one line and exit code 2."""
+"""Checks the command-line entry points share (their errors: `store.errors.run_cli`)."""
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
 
-from trainer.config import UserError
-
-
-def run_cli(fn: Callable[[], object]) -> int:
-    try:
-        fn()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+from store.errors import UserError
 
 
 def check_output_dir(path: str | Path, flag: str) -> None:

@@ -1,40 +1,42 @@
 """Run configuration: one small dataclass per component, combined into `RunConfig`.
 
 A config is read from a TOML file (`--config configs/NAME.toml`), then overridden from the
-command line in one form, `--section.key=value` (or `--section.key value`). Unknown sections,
-unknown keys and values of the wrong type are errors at load time, each reported as one
-`ConfigError` line naming the key and what is accepted.
+command line in one form, `--section.key=value` (or `--section.key value`), parsed by tyro
+from the dataclasses' own types; `python -m trainer --help` lists every key with its default
+(the config file's, when one is given) and the comment beside it here. Unknown sections,
+unknown keys, values of the wrong type and values outside their meaning are errors at load
+time, each reported as one `ConfigError` line naming the key and what is accepted. The
+resolved config is saved in the run dir as TOML (tomli-w) and read back strictly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import io
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from capture.config import CaptureConfig, CaptureConfigError
-
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line and a non-zero exit, never a traceback."""
+from store.errors import UserError
 
 
 class ConfigError(UserError):
-    pass
+    """A config key, type or value that cannot work."""
 
 
 @dataclass
 class ModelConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block (must divide n_embd)
+    n_embd: int = 768  # width of the residual stream
     block_size: int = 1024  # maximum context length (learned positions)
-    vocab_size: int = 50257
-    dropout: float = 0.0
-    bias: bool = True
+    vocab_size: int = 50257  # token ids 0..vocab_size-1 (GPT-2's BPE: 50257)
+    dropout: float = 0.0  # in [0, 1): on attention, residual and embeddings
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
     # Blocks without an MLP (nor its LayerNorm): the attention-only models of the induction
     # head literature (Elhage et al. 2021), where heads form fast and are easy to read.
     attn_only: bool = False
@@ -104,11 +106,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimizer steps; raise it and --resume to train on
     seq_len: int = 0  # tokens per sequence; 0 means model.block_size
     micro_batch_size: int = 8  # sequences per rank per forward/backward
     global_batch_tokens: int = 2**19  # tokens per optimizer step, whatever the world size
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this
     dtype: str = "fp32"  # fp32 | bf16 (parameters kept in fp32, compute in bf16)
     seed: int = 1337  # weights and dropout
 
@@ -122,13 +124,13 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 6e-4
+    lr: float = 6e-4  # peak learning rate (AdamW), reached after warmup_steps
     min_lr_ratio: float = 0.1  # floor, as a fraction of lr
-    warmup_steps: int = 700
+    warmup_steps: int = 700  # linear warmup from 0 to lr
     decay_steps: int = 0  # cosine decay ends here, then the floor; 0 means train.max_steps
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW's first-moment decay, in [0, 1)
+    beta2: float = 0.95  # AdamW's second-moment decay, in [0, 1)
+    eps: float = 1e-8  # AdamW's denominator floor
     weight_decay: float = 0.1  # on matrices (weights, embeddings), not biases or gains
     fused: str = "auto"  # auto | true | false (fused AdamW kernels; auto = on CUDA)
 
@@ -145,10 +147,10 @@ class ParallelConfig:
     device: str = "auto"  # auto | cuda | mps | cpu
     sharding: str = "full"  # full | grad | none | hybrid
     shard_size: int = 0  # hybrid: ranks per shard group (0 = ranks per node)
-    cpu_offload: bool = False
-    activation_checkpointing: bool = False
+    cpu_offload: bool = False  # FSDP keeps parameters and optimizer state in host memory
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
     meta_init: bool = False  # build on the meta device, allocate only each rank's shard
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (before FSDP wraps it)
 
     def validate(self) -> None:
         if self.sharding not in ("full", "grad", "none", "hybrid"):
@@ -176,10 +178,10 @@ class EvalConfig:
     val_batches: int = 20  # micro-batches per rank
     hellaswag_file: str = ""  # HellaSwag .jsonl (the official format); empty: skipped
     hellaswag_examples: int = 0  # 0 = all
-    sample_prompt: str = "\n"
-    sample_tokens: int = 48
-    sample_temperature: float = 1.0
-    sample_top_k: int = 50
+    sample_prompt: str = "\n"  # text samples at each evaluation start from this
+    sample_tokens: int = 48  # tokens per text sample (0: no samples)
+    sample_temperature: float = 1.0  # 0: greedy
+    sample_top_k: int = 50  # sample from the k likeliest tokens (0: all)
 
     def validate(self) -> None:
         check_range("eval", self, positive=("val_batches",),
@@ -190,8 +192,8 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every: int = 1  # steps between stdout lines (metrics.jsonl gets every step)
-    wandb: bool = False
-    wandb_project: str = "gpt2-capture"
+    wandb: bool = False  # also log metrics to Weights & Biases (pip install wandb)
+    wandb_project: str = "gpt2-capture"  # the W&B project runs go to
     plot: bool = True  # loss-curve PNG in the run dir at the end
 
     def validate(self) -> None:
@@ -200,7 +202,7 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # config, checkpoints, metrics, logs and the capture store
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -233,13 +235,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        return to_toml(self.to_dict())
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
 
 
 # ----------------------------------------------------------------------------- loading
-
-_SCALARS = (bool, int, float, str)
-
 
 def check_range(section: str, cfg, positive=(), nonnegative=(), fraction=(), below_one=()
                 ) -> None:
@@ -285,25 +286,6 @@ def _check_value(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-def _parse_text(key: str, text: str, typ: Any) -> Any:
-    try:
-        if typ is bool:
-            low = text.lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            return int(text.replace("_", ""))
-        if typ is float:
-            return float(text)
-        return text
-    except ValueError:
-        tname = getattr(typ, "__name__", str(typ))
-        raise ConfigError(f"{key} expects {tname}, got {text!r}") from None
-
-
 def _section_obj(cfg: RunConfig, section: str):
     if section not in _SECTION_CLASSES:
         raise ConfigError(
@@ -316,14 +298,10 @@ def _section_obj(cfg: RunConfig, section: str):
     return obj
 
 
-def _set(cfg: RunConfig, dotted: str, value: Any, from_text: bool) -> None:
+def _set(cfg: RunConfig, dotted: str, value: Any) -> None:
     if dotted == "run_dir":
-        cfg.run_dir = str(value) if from_text else _check_value("run_dir", value, str)
+        cfg.run_dir = _check_value("run_dir", value, str)
         return
-    if "." not in dotted:
-        raise ConfigError(
-            f"unknown config key {dotted!r}; keys look like section.key, e.g. model.n_layer"
-        )
     section, key = dotted.split(".", 1)
     obj = _section_obj(cfg, section)
     types = _field_types(type(obj))
@@ -331,9 +309,7 @@ def _set(cfg: RunConfig, dotted: str, value: Any, from_text: bool) -> None:
         raise ConfigError(
             f"unknown config key {dotted!r}; [{section}] has: {', '.join(types)}"
         )
-    typ = types[key]
-    value = _parse_text(dotted, value, typ) if from_text else _check_value(dotted, value, typ)
-    setattr(obj, key, value)
+    setattr(obj, key, _check_value(dotted, value, types[key]))
 
 
 def from_dict(d: dict[str, Any], cfg: RunConfig | None = None) -> RunConfig:
@@ -342,9 +318,12 @@ def from_dict(d: dict[str, Any], cfg: RunConfig | None = None) -> RunConfig:
         if isinstance(v, dict):
             _section_obj(cfg, k)  # fails on an unknown section
             for kk, vv in v.items():
-                _set(cfg, f"{k}.{kk}", vv, from_text=False)
+                _set(cfg, f"{k}.{kk}", vv)
+        elif k == "run_dir":
+            _set(cfg, k, v)
         else:
-            _set(cfg, k, v, from_text=False)
+            raise ConfigError(f"unknown config key {k!r}; keys look like section.key, e.g. "
+                              f"model.n_layer")
     return cfg
 
 
@@ -359,30 +338,109 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply `--section.key=value` / `--section.key value` pairs (the leftover CLI args)."""
-    i = 0
-    while i < len(overrides):
-        arg = overrides[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --model.n_layer=4")
-        body = arg[2:]
-        if "=" in body:
-            key, text = body.split("=", 1)
-            i += 1
+    """`--section.key=VALUE` / `--section.key VALUE` over `cfg` (the leftover CLI args)."""
+    if not overrides:
+        return cfg
+    return _tyro(cfg, overrides)
+
+
+def print_help(cfg: RunConfig, prog: str) -> None:
+    """Every key with its default (from `cfg`) and meaning, as tyro lays them out."""
+    _tyro(cfg, ["--help"], prog=prog, quiet=False)
+
+
+def _tyro(cfg: RunConfig, args: list[str], prog: str = "python -m trainer",
+          quiet: bool = True) -> RunConfig:
+    import tyro
+
+    out = io.StringIO()
+    # tyro reports a bad argument in a multi-line box and exits 2; the box is caught here
+    # and becomes one ConfigError line, like every other bad input. A wide console keeps
+    # the message from being wrapped mid-line.
+    with contextlib.ExitStack() as stack:
+        if quiet:
+            stack.enter_context(contextlib.redirect_stderr(out))
+            stack.enter_context(contextlib.redirect_stdout(out))
+            stack.enter_context(_env(COLUMNS="400"))
+        try:
+            return tyro.cli(RunConfig, default=cfg, args=args, prog=prog, use_underscores=True,
+                            config=(tyro.conf.FlagConversionOff,), registry=_registry())
+        except SystemExit as e:
+            if not quiet or not e.code:  # --help: printed, exit 0
+                raise
+            raise ConfigError(_one_line(out.getvalue(), prog)) from None
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _registry():
+    import tyro
+    from tyro.constructors import PrimitiveConstructorSpec
+
+    registry = tyro.constructors.ConstructorRegistry()
+
+    @registry.primitive_rule
+    def _bool(info):  # true/false as TOML writes them, and yes/no/on/off/1/0, any case
+        if info.type is not bool:
+            return None
+        return PrimitiveConstructorSpec(
+            nargs=1, metavar="{true,false}", instance_from_str=lambda a: _parse_bool(a[0]),
+            is_instance=lambda x: isinstance(x, bool),
+            str_from_instance=lambda x: ["true" if x else "false"])
+
+    return registry
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _one_line(box: str, prog: str) -> str:
+    """tyro's error box -> one line: its message, and the first key it suggests.
+
+    With stdout redirected to a StringIO (no encoding), tyro draws the box in ASCII: the
+    title, then parts (message, hints, footer) each under a rule of dashes."""
+    lines = [ln.strip().strip("│╭╮╰╯").strip() for ln in box.splitlines()]
+    lines = [ln for ln in lines if ln]
+    parts: list[list[str]] = [[]]
+    for ln in lines[1:]:  # lines[0] is the title ("Value error", "Unrecognized options")
+        if set(ln) <= set("-─ "):
+            parts.append([])
         else:
-            if i + 1 >= len(overrides):
-                raise ConfigError(f"override {arg} has no value; write {arg}=VALUE")
-            key, text = body, overrides[i + 1]
-            i += 2
-        _set(cfg, key.replace("-", "_") if "." not in key else key, text, from_text=True)
-    return cfg
+            parts[-1].append(ln)
+    parts = [p for p in parts if p]
+    if not parts:
+        return f"bad command-line arguments (see {prog} --help)"
+    msg = " ".join(parts[0]).replace("Error parsing ", "")
+    msg = msg.replace("Unrecognized options:", "unknown option")
+    hints = [ln for part in parts[1:] for ln in part]
+    if "Perhaps you meant:" in hints[:-1]:
+        msg += f"; did you mean {hints[hints.index('Perhaps you meant:') + 1].split()[0]}?"
+    return f"{msg} (see {prog} --help)"
 
 
 def load(config_path: str | None, overrides: list[str]) -> RunConfig:
     cfg = RunConfig()
     if config_path:
         from_dict(load_toml(config_path), cfg)
-    apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
     return cfg.validate()
 
 
@@ -392,26 +450,3 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise UserError(f"{str(path)!r} not found: is {str(run_dir)!r} a run dir made by trainer?")
     return from_dict(load_toml(path)).validate()
-
-
-def to_toml(d: dict[str, Any]) -> str:
-    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    out = top + [""] if top else []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.append(f"[{k}]")
-            out += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
-            out.append("")
-    return "\n".join(out)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")

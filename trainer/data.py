@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config import UserError
+from store.errors import UserError
 
 FORMAT_VERSION = 1
 

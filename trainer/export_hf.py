@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.config import UserError
+from store.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.cli import run_cli
+    from store.errors import run_cli
     from trainer.hf import quiet_cli
 
     args = build_parser().parse_args(argv)

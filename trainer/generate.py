@@ -29,8 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from trainer.cli import run_cli
-from trainer.config import UserError
+from store.errors import UserError, run_cli
 
 
 def continuation_nll(model, seq: torch.Tensor, start: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.config import UserError
+from store.errors import UserError
 
 N_ENDINGS = 4
 

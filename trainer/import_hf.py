@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.config import RunConfig, UserError
+from store.errors import UserError
+from trainer.config import RunConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.cli import run_cli
+    from store.errors import run_cli
     from trainer.hf import quiet_cli
 
     args = build_parser().parse_args(argv)

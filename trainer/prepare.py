@@ -47,7 +47,7 @@ from typing import Iterator
 import numpy as np
 
 from trainer.cli import check_output_dir
-from trainer.config import UserError
+from store.errors import UserError, run_cli
 from trainer.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
 FORMAT_VERSION = 1
@@ -357,18 +357,16 @@ def prepare(a: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        s = prepare(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _report(args, prepare(args)))
+
+
+def _report(args, s: dict) -> None:
     for split in ("train", "val"):
         print(f"{split}: {s['docs'][split]:,} docs, {s['tokens'][split]:,} tokens, "
               f"{s['shards'][split]} shards")
     if s["docs"]["val"] == 0 and args.val_fraction > 0:
         print("warning: the val split is empty; raise --val-fraction or add data", file=sys.stderr)
     print(f"wrote {s['out']} in {s['seconds']:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.config import UserError
+from store.errors import UserError, run_cli
 from trainer.data import FORMAT_VERSION
 
 
@@ -144,17 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    try:
-        m = write(Path(a.out), a.vocab, a.half, a.tokens, a.val_tokens, a.seed, a.overwrite,
-                  a.min_half, a.prev_frac)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run(a))
+
+
+def _run(a) -> None:
+    m = write(Path(a.out), a.vocab, a.half, a.tokens, a.val_tokens, a.seed, a.overwrite,
+              a.min_half, a.prev_frac)
     src = m["source"]
     print(f"wrote {a.out}: {m['num_tokens']['train']:,} train and {m['num_tokens']['val']:,} "
           f"val tokens, documents of {src['min_half']}..{a.half} random tokens twice "
           f"({a.prev_frac:.0%} previous-token documents), vocab {a.vocab}")
-    return 0
 
 
 if __name__ == "__main__":

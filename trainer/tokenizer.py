@@ -18,7 +18,7 @@ from pathlib import Path
 import tiktoken
 import tiktoken.load
 
-from trainer.config import UserError
+from store.errors import UserError
 
 EOT = 50256  # <|endoftext|>: separates documents in the token stream
 VOCAB_SIZE = 50257  # 50256 BPE ranks + <|endoftext|>

@@ -31,8 +31,8 @@ def tree_digest(path: Path) -> str:
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--model.n_layerz=3"], "unknown config key 'model.n_layerz'"),
-    (["--optim.lr=fast"], "optim.lr expects float, got 'fast'"),
+    (["--model.n_layerz=3"], "unknown option --model.n_layerz=3; did you mean --model.n_layer?"),
+    (["--optim.lr=fast"], "--optim.lr: could not convert string to float: 'fast'"),
     (["--model.n_embd=30", "--model.n_head=4"],
      "model.n_embd (30) must be divisible by model.n_head (4)"),
     (["--train.global_batch_tokens=100"], "must be a multiple of micro_batch_size x seq_len"),

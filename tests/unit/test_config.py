@@ -28,12 +28,16 @@ def test_toml_and_overrides_resolve_and_round_trip(tmp_path):
     ("[model]\nn_layer = '3'\n", [], "model.n_layer expects int, got str"),
     ("[model]\nbias = 1\n", [], "model.bias expects bool, got int"),
     ("[model]\nn_layer = true\n", [], "model.n_layer expects int, got bool"),
-    ("", ["--model.n_layer=four"], "model.n_layer expects int, got 'four'"),
-    ("", ["--train.max_step=3"], "unknown config key 'train.max_step'"),
+    ("", ["--model.n_layer=four"], "--model.n_layer: invalid literal for int() with base 10: 'four'"),
+    ("", ["--train.max_step=3"], "unknown option --train.max_step=3; did you mean --train.max_steps?"),
+    ("", ["--parallel.compile=maybe"], "--parallel.compile: expected true or false, got 'maybe'"),
+    ("", ["model.n_layer=3"], "unknown option model.n_layer=3"),
+    ("", ["--optim.lr=-0.003"], "optim.lr must be positive, got -0.003"),
+    ("", ["--capture.every=0"], "capture.every must be positive, got 0"),
     ("", ["--model.n_embd=100", "--model.n_head=3"], "must be divisible by model.n_head"),
     ("", ["--train.dtype=fp16"], "train.dtype must be 'fp32' or 'bf16'"),
     ("", ["--parallel.sharding=zero3"], "parallel.sharding must be one of"),
-    ("", ["--model.n_layer"], "has no value"),
+    ("", ["--model.n_layer"], "Missing value for argument '--model.n_layer'"),
     ("", ["--train.seq_len=2048"], "exceeds model.block_size"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, text, overrides, msg):
@@ -59,3 +63,26 @@ def test_presets_and_param_count():
     assert sum(p.numel() for p in GPT(tiny).parameters()) == tiny.num_params()
     with pytest.raises(ConfigError, match="unknown model preset"):
         C.preset("gpt3")
+
+
+def test_help_lists_every_key_with_default_and_meaning(capsys):
+    """`python -m trainer --help`: every config key, its default (here the config's own
+    value) and the comment beside it in the dataclass."""
+    cfg = C.RunConfig()
+    cfg.model.n_layer = 5
+    with pytest.raises(SystemExit) as e:
+        C.print_help(cfg, "python -m trainer")
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    keys = ["run_dir"] + [f"{section}.{f}" for section, v in cfg.to_dict().items()
+                          if isinstance(v, dict) for f in v]
+    assert len(keys) > 70
+    for key in keys:
+        assert f"--{key} " in text, key
+    assert "--model.n_layer INT transformer blocks (default: 5)" in text
+    assert "--optim.lr FLOAT peak learning rate" in text
+
+
+def test_lowercase_booleans_and_spellings():
+    cfg = C.load(None, ["--parallel.compile=TRUE", "--log.wandb", "no", "--model.attn-only=1"])
+    assert (cfg.parallel.compile, cfg.log.wandb, cfg.model.attn_only) == (True, False, True)
