@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from _gpu_harness import (  # noqa: E402
-    ROOT, CheckFailed, Ctx, Proc, _median, _on_term, error_line, expect_steps, read_metrics,
+    ROOT, CheckFailed, Ctx, Proc, median, on_term, error_line, expect_steps, read_metrics,
     step_figures,
 )
 
@@ -59,7 +59,7 @@ def nccl_capture_resume(c: Ctx) -> None:
     c.must(c.run("resume", c.torchrun() + c.tiny(run.name, 8, *common, "--resume")))
     recs = read_metrics(run)
     capture_ms = [r["capture_ms"] for r in recs if "capture_ms" in r]
-    c.fig(metrics_steps=[r["step"] for r in recs], capture_ms=_median(capture_ms),
+    c.fig(metrics_steps=[r["step"] for r in recs], capture_ms=median(capture_ms),
           **{k: v for k, v in step_figures(recs).items() if k in ("step_ms", "mem_gb")})
     expect_steps(recs, 8, "after the resume")
     store = _store_summary(c, run)
@@ -140,7 +140,7 @@ def _capture(c: Ctx, *extra: str) -> None:
     _, recs = _gpt2(c, "", c.steps(7, 4), *cap, *extra)
     f = step_figures(recs)
     ms = [r["capture_ms"] for r in recs if "capture_ms" in r]
-    c.fig(capture_ms=_median(ms), capture_ms_max=max(ms, default=None),
+    c.fig(capture_ms=median(ms), capture_ms_max=max(ms, default=None),
           capture_steps=[r["step"] for r in recs if "capture_ms" in r], **f)
     # The same run without capture: gpt2_eager, or gpt2_compile for the compiled one.
     base = "gpt2_compile" if "compile" in c.name else "gpt2_eager"
@@ -315,7 +315,7 @@ CHECKS = {
 
 def main(argv: list[str]) -> int:
     name, ctx_path, result_path = argv
-    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGTERM, on_term)
     c = Ctx(json.loads(Path(ctx_path).read_text()), Path(result_path), name)
     c.save()
     try:

@@ -75,7 +75,7 @@ def _kill_group(p: subprocess.Popen) -> None:
             continue
 
 
-def _on_term(signum, frame):
+def on_term(signum, frame):
     for p in list(_live):
         _kill_group(p)
     raise SystemExit(128 + signum)
@@ -223,7 +223,7 @@ def read_metrics(run: Path) -> list[dict]:
     return [recs[s] for s in sorted(recs)]
 
 
-def _median(xs: list) -> float | None:
+def median(xs: list) -> float | None:
     xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
     return statistics.median(xs) if xs else None
 
@@ -237,9 +237,9 @@ def step_figures(recs: list[dict], skip: int = 2) -> dict:
     mem = [r["mem_gb"] for r in recs if isinstance(r.get("mem_gb"), (int, float))]
     return {
         "steps": len(recs),
-        "step_ms": _median([r.get("step_ms") for r in steady]),
-        "tokens_per_s": _median([r.get("tokens_per_s") for r in steady]),
-        "mfu": _median([r.get("mfu") for r in steady]),
+        "step_ms": median([r.get("step_ms") for r in steady]),
+        "tokens_per_s": median([r.get("tokens_per_s") for r in steady]),
+        "mfu": median([r.get("mfu") for r in steady]),
         "mem_gb": max(mem) if mem else None,
         "first_step_ms": recs[0].get("step_ms") if recs else None,
         "compile_steps": [r["step"] for r in recs if r.get("compile")],

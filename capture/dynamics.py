@@ -17,8 +17,9 @@ over the batch:
   second-half queries only (not `head_detector.detect_head`'s "mul" measure, which divides
   by the attention of every row, so tops out near 1/2 on this probe).
 
-Logit lens: each layer's residual stream through the final LayerNorm and the unembedding,
-scored as next-token cross-entropy (nostalgebraist 2020). Neuron logit effects: each MLP
+The logit lens (each layer's residual stream through the final LayerNorm and the
+unembedding, scored as next-token cross-entropy; nostalgebraist 2020) is computed in the
+capture forward (`capture.forward.token_losses`). Neuron logit effects: each MLP
 neuron's output direction through the same path, from the weights alone (the direct-logit
 attribution of TransformerLens' `W_out @ W_U`, with the final LayerNorm treated as in
 `neuron_logit_effects`).
@@ -27,10 +28,8 @@ attribution of TransformerLens' `W_out @ W_U`, with the final LayerNorm treated 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 HEAD_SCORES = ("entropy", "prev_token", "duplicate", "induction")
-CHUNK = 1024  # logit-lens rows per matmul: 1024 x 50257 fp32 logits = 206 MB
 
 
 def _check_pattern(pattern: torch.Tensor, half: int | None = None) -> None:
@@ -106,42 +105,6 @@ def repeated_tokens(n_seqs: int, half: int, vocab: int, seed: int, low: int = 0
     g = torch.Generator().manual_seed(seed)
     first = torch.randint(low, vocab, (n_seqs, half), generator=g, dtype=torch.int64)
     return torch.cat([first, first], dim=1)
-
-
-@torch.no_grad()
-def logit_lens_losses(resids: list[torch.Tensor], ln_final: torch.nn.Module,
-                      W_U: torch.Tensor, tokens: torch.Tensor, *, chunk: int = CHUNK
-                      ) -> torch.Tensor:
-    """resids: the residual stream after each block, each [batch, pos, d_model]; tokens
-    [batch, pos]. Each through ln_final and the unembedding W_U [vocab, d_model] (no bias),
-    next-token cross-entropy (predict tokens[:, 1:] from positions :-1), mean over batch
-    and positions -> [len(resids)] float32.
-
-    At most `chunk` rows of logits exist at a time (a GPT-2 probe of 16 x 1024 tokens x
-    50257 vocab would be 3.3 GB in fp32). As in the model's own loss (trainer/loss.py) the
-    matmul runs in the autocast dtype if autocast is on, else in the residual's dtype, and
-    the softmax and the summed loss in float32. ln_final runs as the caller's context has
-    it (its parameters must suit the residual's dtype, as in the model's forward)."""
-    targets = tokens[:, 1:].reshape(-1)
-    w_cast: dict[torch.dtype, torch.Tensor] = {}  # one cast of W_U per dtype, not per chunk
-    losses = []
-    for resid in resids:
-        if resid.shape[:2] != tokens.shape or tokens.shape[1] < 2:
-            raise ValueError(f"resid {tuple(resid.shape)} does not match tokens "
-                             f"{tuple(tokens.shape)} (need pos >= 2)")
-        dev = resid.device.type
-        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else resid.dtype
-        if cd not in w_cast:
-            w_cast[cd] = W_U.to(cd)
-        x = resid[:, :-1].reshape(-1, resid.shape[-1])
-        total = torch.zeros((), dtype=torch.float32, device=resid.device)
-        for s in range(0, x.shape[0], chunk):
-            h = ln_final(x[s:s + chunk])
-            with torch.autocast(dev, enabled=False):
-                logits = (h.to(cd) @ w_cast[cd].t()).float()
-            total += F.cross_entropy(logits, targets[s:s + chunk], reduction="sum")
-        losses.append(total / x.shape[0])
-    return torch.stack(losses)  # on the residuals' device: no sync per layer
 
 
 @torch.no_grad()

@@ -207,11 +207,11 @@ class CaptureForward:
                     h = r[:b, :-1].reshape(-1, r.shape[-1])
                     last = layer == spec.n_layers - 1
                     if last and out.token_loss is not None:
-                        per = _token_ce(h, ln, W_U, targets)  # every token
+                        per = token_losses(h, ln, W_U, targets)  # every token
                         out.token_loss[off:off + b, 1:] = per.view(b, T - 1)
                         sub = per[rows]
                     elif out.lens is not None and len(rows):
-                        sub = _token_ce(h[rows], ln, W_U, targets[rows])
+                        sub = token_losses(h[rows], ln, W_U, targets[rows])
                     else:
                         return
                     if out.lens is not None:
@@ -287,16 +287,18 @@ def _lens_rows(n: int, T: int, want: int, dev) -> torch.Tensor:
     return torch.linspace(0, total - 1, want, device=dev).round().long().unique()
 
 
-def _token_ce(h: torch.Tensor, ln, W_U: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_losses(h: torch.Tensor, ln, W_U: torch.Tensor, targets: torch.Tensor,
+                 chunk: int = LOSS_CHUNK) -> torch.Tensor:
     """Per-row next-token cross-entropy of residuals h [rows, d] through the final
-    LayerNorm and W_U, in float32, LOSS_CHUNK rows of logits at a time: logsumexp minus
+    LayerNorm and W_U (the logit lens, at any layer), in float32, `chunk` rows of logits at
+    a time: logsumexp minus
     the target's logit, which never writes the [rows, vocab] log-softmax (on CPU about a
     quarter faster than F.cross_entropy at GPT-2's vocabulary)."""
     out = []
     w = W_U.float()
-    for s in range(0, h.shape[0], LOSS_CHUNK):
-        z = F.linear(ln(h[s:s + LOSS_CHUNK]).float(), w)
-        t = targets[s:s + LOSS_CHUNK, None]
+    for s in range(0, h.shape[0], chunk):
+        z = F.linear(ln(h[s:s + chunk]).float(), w)
+        t = targets[s:s + chunk, None]
         out.append(z.logsumexp(-1) - z.gather(1, t)[:, 0])
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 

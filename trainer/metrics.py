@@ -4,6 +4,7 @@ caller holds the `if is_main:`."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -30,6 +31,7 @@ PEAKS: list[tuple[str, float, float]] = [
 ]
 
 
+@functools.cache  # asked once per step with the same device: the table is read once
 def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
     """Dense peak FLOP/s of one GPU for a run in `dtype` (bf16 | fp32), None if unknown."""
     for pattern, bf16, tf32 in PEAKS:

@@ -14,11 +14,11 @@ from capture.dynamics import (
     duplicate_token_score,
     head_scores,
     induction_score,
-    logit_lens_losses,
     neuron_logit_effects,
     prev_token_score,
     repeated_tokens,
 )
+from capture.forward import token_losses
 from trainer.config import ModelConfig
 from trainer.model import GPT, LayerNorm
 
@@ -158,6 +158,13 @@ def _ln(d, seed, dtype=torch.float32):
     return ln.to(dtype)
 
 
+@torch.no_grad()
+def logit_lens(resids, ln, W_U, tokens, chunk):
+    """Mean next-token loss of each layer's residual, as the capture forward computes it."""
+    return torch.stack([token_losses(r[:, :-1].flatten(0, 1), ln, W_U, tokens[:, 1:].flatten(),
+                                     chunk=chunk).mean() for r in resids])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logit_lens_matches_full_logits(dtype):
     g = torch.Generator().manual_seed(0)
@@ -170,7 +177,7 @@ def test_logit_lens_matches_full_logits(dtype):
                                             tokens[:, 1:].flatten()) for r in resids])
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: row blocking may round differently
     for chunk in (1, 5, 7, B * (P - 1), 1000):  # 5 and 7 do not divide the 24 rows
-        got = logit_lens_losses(resids, ln, W_U, tokens, chunk=chunk)
+        got = logit_lens(resids, ln, W_U, tokens, chunk=chunk)
         assert got.dtype == torch.float32 and got.shape == (3,)
         assert torch.allclose(got, want, rtol=tol, atol=tol), (chunk, got, want)
     assert (want.diff().abs() > 0.05).all(), want  # each layer really gets its own loss
@@ -184,12 +191,12 @@ def test_logit_lens_last_layer_is_the_model_loss():
         loss = model(idx, return_type="loss")
         _, cache = model.run_with_cache(idx)
     resids = [cache[f"blocks.{i}.hook_resid_post"] for i in range(2)]
-    got = logit_lens_losses(resids, model.ln_final, model.lm_head.weight, idx, chunk=5)
+    got = logit_lens(resids, model.ln_final, model.lm_head.weight, idx, chunk=5)
     assert got[1].item() == pytest.approx(loss.item(), rel=1e-5)
     # under autocast the unembedding runs in bf16, as in the model's own forward
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         loss16 = model(idx, return_type="loss")
-        got16 = logit_lens_losses(resids, model.ln_final, model.lm_head.weight, idx, chunk=5)
+        got16 = logit_lens(resids, model.ln_final, model.lm_head.weight, idx, chunk=5)
     assert got16[1].item() == pytest.approx(loss16.item(), rel=1e-2)
 
 
