@@ -9,6 +9,10 @@ or not, so the writer encodes whole chunks itself and writes them like zarr's Lo
 does (temporary file, then rename: a reader sees the old chunk or the new one) from a small
 thread pool; for other URLs through the zarr store's own `set`. An array with any other
 codec falls back to zarr's own setitem. Reading back is zarr's business (tests check it).
+
+What a chunk is called and how it is encoded is read from the array's own zarr.json (the
+Zarr v3 spec's document: `codecs`, `chunk_key_encoding`, `chunk_grid`), not from
+zarr-python's metadata classes (zarr.core, private).
 """
 
 from __future__ import annotations
@@ -25,35 +29,71 @@ import numpy as np
 import zarr
 from numcodecs.zstd import Zstd  # what zarr's ZstdCodec itself encodes with
 from zarr.abc.store import Store
-from zarr.codecs import BytesCodec, ZstdCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 from zarr.storage import LocalStore
+
+from ._io import get_bytes, io_store, set_bytes
+
+
+def chunk_key_encoder(meta: dict) -> Callable[[tuple[int, ...]], str] | None:
+    """The array's chunk key function (chunk coords -> key under the array), from its
+    zarr.json's chunk_key_encoding: the spec's `default` ("c" + sep + coords) and `v2`
+    (coords, "0" for a 0-d array) encodings; None for any other."""
+    enc = meta.get("chunk_key_encoding")
+    if isinstance(enc, str):
+        enc = {"name": enc}
+    if not isinstance(enc, dict):
+        return None
+    name, conf = enc.get("name"), enc.get("configuration") or {}
+    if name == "default":
+        sep = conf.get("separator", "/")
+        if sep not in ("/", "."):
+            return None
+        return lambda coords: "c" + "".join(f"{sep}{int(c)}" for c in coords)
+    if name == "v2":
+        sep = conf.get("separator", ".")
+        if sep not in ("/", "."):
+            return None
+        return lambda coords: sep.join(str(int(c)) for c in coords) or "0"
+    return None
 
 
 class ChunkCodec:
     """Encodes/decodes whole chunks of an array whose codecs are `bytes` [+ `zstd`]."""
 
-    def __init__(self, arr: zarr.Array, zstd: Zstd | None):
+    def __init__(self, arr: zarr.Array, zstd: Zstd | None,
+                 encode_key: Callable[[tuple[int, ...]], str]):
         self.shape = tuple(arr.chunks)
         self.dtype = np.dtype(arr.dtype).newbyteorder("<")
         self.fill = arr.fill_value
         self.zstd = zstd
-        self.encode_key = arr.metadata.encode_chunk_key
+        self.encode_key = encode_key
 
     @classmethod
-    def of(cls, arr: zarr.Array) -> "ChunkCodec | None":
-        """The codec of `arr`, or None when its chunks are not ours to encode."""
-        codecs = arr.metadata.codecs
-        if sys.byteorder != "little" or not codecs or not isinstance(codecs[0], BytesCodec):
+    def of(cls, arr: zarr.Array, meta: dict | None) -> "ChunkCodec | None":
+        """The codec of `arr`, whose zarr.json is `meta`, or None when its chunks are not
+        ours to encode (other codecs, chunk keys, grid, or a big-endian machine)."""
+        if sys.byteorder != "little" or not isinstance(meta, dict) \
+                or meta.get("zarr_format") != 3 or meta.get("node_type") != "array" \
+                or meta.get("storage_transformers"):
             return None
-        if codecs[0].endian is not None and codecs[0].endian.value != "little":
+        grid = meta.get("chunk_grid")
+        if not isinstance(grid, dict) or grid.get("name") != "regular" or \
+                list((grid.get("configuration") or {}).get("chunk_shape") or []) \
+                != list(arr.chunks):
+            return None
+        encode_key = chunk_key_encoder(meta)
+        codecs = [c if isinstance(c, dict) else {"name": c} for c in meta.get("codecs") or []]
+        if encode_key is None or not codecs or codecs[0].get("name") != "bytes":
+            return None
+        if (codecs[0].get("configuration") or {}).get("endian", "little") != "little":
             return None
         if len(codecs) == 1:
-            return cls(arr, None)
-        if len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
-            return cls(arr, Zstd.from_config({"level": codecs[1].level,
-                                              "checksum": codecs[1].checksum}))
+            return cls(arr, None, encode_key)
+        if len(codecs) == 2 and codecs[1].get("name") == "zstd":
+            conf = codecs[1].get("configuration") or {}
+            return cls(arr, Zstd.from_config({"level": int(conf.get("level", 0)),
+                                              "checksum": bool(conf.get("checksum", False))}),
+                       encode_key)
         return None
 
     def empty(self) -> np.ndarray:
@@ -128,21 +168,18 @@ class LocalSink:
 
 
 class RemoteSink(LocalSink):
-    """Chunks through a zarr store's own async get/set (fsspec URLs: s3://, gs://, ...)."""
+    """Chunks through a zarr store's own async get/set (fsspec URLs: s3://, gs://, ...),
+    run by store/_io.py."""
 
     def __init__(self, store: Store, threads: int):
         super().__init__(Path("."), threads)
-        self.store = store
-        self._proto = default_buffer_prototype()
+        self.store = io_store(store)
 
     def get(self, key: str) -> bytes | None:
-        buf = sync(self.store.get(key, prototype=self._proto))
-        return None if buf is None else buf.to_bytes()
+        return get_bytes(self.store, key)
 
     def put(self, key: str, data: Any) -> None:
-        a = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) \
-            else data.reshape(-1).view(np.uint8)
-        sync(self.store.set(key, self._proto.buffer.from_array_like(a)))
+        set_bytes(self.store, key, data)
 
 
 def make_sink(store: Store, threads: int) -> LocalSink:

@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from ._io import get_bytes
 from .errors import CorruptStore, SchemaVersionError, StoreError, StoreNotFound
 from .schema import RESERVED_ATTRS, SCHEMA_VERSION, Layout
 
@@ -66,11 +65,6 @@ def open_store(url: Any, storage_options: dict | None, read_only: bool) -> Store
         raise StoreError(f"cannot open store URL {url_str(url)}: {type(e).__name__}: {e}; "
                          f"check the URL and storage_options (is its fsspec backend "
                          f"installed?)") from None
-
-
-def get_bytes(store: Store, key: str) -> bytes | None:
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
 
 
 def read_root(store: Store, url: str) -> dict:
@@ -126,6 +120,17 @@ def layout_of(attrs: dict, url: str) -> Layout:
 
 def open_array(store: Store, path: str, mode: str) -> zarr.Array:
     return zarr.open_array(store=store, path=path, mode=mode, zarr_format=3)
+
+
+def array_meta(store: Store, path: str) -> dict | None:
+    """The array `path`'s zarr.json as a dict (the Zarr v3 spec's document), or None when
+    it is missing or not a JSON object."""
+    raw = get_bytes(store, f"{path}/zarr.json")
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def now_iso() -> str:

@@ -7,9 +7,9 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import ZstdCodec
-from zarr.core.sync import sync
 
 from ._common import KEY_ENCODING, layout_of, now_iso, open_array
+from ._io import delete_dir, list_prefix
 from .errors import StoreError
 from .schema import RESERVED_ATTRS, SCHEMA_VERSION, SLOT_BLOCK, ArraySpec, Layout
 
@@ -136,7 +136,7 @@ def reconcile(store: Store, url: str, attrs: dict, new: Layout) -> dict:
         except (FileNotFoundError, KeyError):
             arr = None
         if arr is not None and spec.path == "captures/done" and arr.shape[1] != spec.shape[1]:
-            sync(store.delete_dir("captures/done"))  # another world size: flags start over
+            delete_dir(store, "captures/done")  # another world size: flags start over
             arr = None
         if arr is None:
             _fill_constant(create_array(store, spec), spec, merged)
@@ -161,10 +161,8 @@ def reconcile(store: Store, url: str, attrs: dict, new: Layout) -> dict:
 
 
 def list_keys(store: Store, prefix: str) -> list[str]:
-    async def collect() -> list[str]:
-        return [k async for k in store.list_prefix(prefix)]
     try:
-        return sync(collect())
+        return list_prefix(store, prefix)
     except FileNotFoundError:
         return []
 

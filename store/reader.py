@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from ._common import layout_of, open_array, open_store, read_root, url_str
+from ._io import getsize_prefix
 from .dynamics import (ALIVE_ABOVE, DEAD_BELOW, NeuronEvents, PhaseChange, neuron_events,
                        phase_change)
 from .errors import CorruptStore, StoreError
@@ -455,7 +455,9 @@ class RunStore:
             try:
                 arr = self._array(spec.path)
                 shape, dtype, chunks = tuple(arr.shape), str(arr.dtype), tuple(arr.chunks)
-                codecs = [c.to_dict()["name"] for c in arr.metadata.codecs]
+                codecs = ["sharding_indexed"] * (arr.shards is not None) + [
+                    c.to_dict()["name"] for c in (*arr.filters, arr.serializer,
+                                                  *arr.compressors)]  # a shard's inner ones
             except StoreError:
                 shape, dtype, chunks, codecs = spec.shape, spec.dtype, spec.chunks, []
             out.append({
@@ -479,6 +481,6 @@ class RunStore:
                         except OSError:
                             pass
                 return total
-            return int(sync(self._store.getsize_prefix(path)))
+            return getsize_prefix(self._store, path)
         except Exception:  # noqa: BLE001 - best effort
             return None

@@ -10,10 +10,10 @@ import json
 from typing import Callable
 
 from zarr.abc.store import Store
-from zarr.core.sync import sync
 
-from ._common import get_bytes, now_iso
+from ._common import now_iso
 from ._create import list_keys
+from ._io import delete, get_bytes
 from .errors import CorruptStore, StoreError
 
 SNAPSHOT_DIR = "snapshots"
@@ -52,7 +52,7 @@ def write_snapshot(store: Store, sink, step: int, files: dict[str, bytes],
 
 def delete_snapshot_marker(store: Store, step: int) -> None:
     try:
-        sync(store.delete(snapshot_key(step, MARKER)))
+        delete(store, [snapshot_key(step, MARKER)])
     except FileNotFoundError:
         pass
 

@@ -33,12 +33,11 @@ import sys
 import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
-from ._common import get_bytes, now_iso, open_array, open_store, url_str
+from ._common import now_iso, open_array, open_store, url_str
 from ._create import create_array
-from .errors import CorruptStore, StoreError, StoreNotFound
+from ._io import delete_dir, get_bytes, set_bytes
+from .errors import CorruptStore, StoreError, StoreNotFound, run_cli
 from .schema import FULL, RESERVED_ATTRS, SCHEMA_VERSION, SLOT_BLOCK, SUMMARY, ArraySpec, Layout
 
 FROM_VERSION = 1
@@ -119,8 +118,7 @@ def _set_meta(store: Store, spec: ArraySpec) -> bool:
     if all(meta.get(k) == v for k, v in want.items()):
         return False
     meta.update(want)
-    buf = default_buffer_prototype().buffer.from_bytes(json.dumps(meta, indent=2).encode())
-    sync(store.set(key, buf))
+    set_bytes(store, key, json.dumps(meta, indent=2).encode())
     return True
 
 
@@ -175,7 +173,7 @@ def upgrade(url, dry_run: bool = False, storage_options: dict | None = None,
                 arr.resize((cap, *arr.shape[1:]))
         _set_meta(store, spec)
     if _open(store, V1_ONLY) is not None:
-        sync(store.delete_dir(V1_ONLY))
+        delete_dir(store, V1_ONLY)
     g = zarr.open_group(store=store, mode="r+", zarr_format=3, use_consolidated=False)
     g.update_attributes({"layout": lay.to_json(), "schema_version": SCHEMA_VERSION,
                          "updated_at": now_iso()})
@@ -193,12 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="say what it would do; change "
                                                            "nothing")
     args = ap.parse_args(argv)
-    try:
-        upgrade(args.url, dry_run=args.dry_run)
-    except StoreError as e:
-        print(f"store.upgrade: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: upgrade(args.url, dry_run=args.dry_run))
 
 
 if __name__ == "__main__":

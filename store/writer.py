@@ -8,7 +8,6 @@ capture invisible. numpy and zarr only: no torch here.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from typing import Any, Callable
@@ -16,13 +15,13 @@ from typing import Any, Callable
 import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from ._chunks import ChunkCodec, make_sink
-from ._common import (as_array, layout_of, local_path, now_iso, open_array, open_store,
-                      read_root, syncfs, url_str)
+from ._common import (array_meta, as_array, layout_of, local_path, now_iso, open_array,
+                      open_store, read_root, syncfs, url_str)
 from ._create import capacity, check_layout, create, done_slot, grow, list_keys, reconcile
+from ._io import delete
 from .errors import StoreError, StoreNotFound
 from .schema import FULL, STATS, STATUSES, SUMMARY, Layout
 from .snapshots import delete_snapshot_marker, snapshot_steps, write_snapshot
@@ -169,7 +168,7 @@ class StoreWriter:
 
     def _codec(self, path: str) -> ChunkCodec | None:
         if path not in self._codecs:
-            self._codecs[path] = ChunkCodec.of(self._array(path))
+            self._codecs[path] = ChunkCodec.of(self._array(path), array_meta(self._store, path))
         return self._codecs[path]
 
     def _put_chunks(self, path: str, blocks: list[tuple[tuple[int, ...], np.ndarray]]) -> bool:
@@ -411,10 +410,7 @@ class StoreWriter:
         open_slots = set(np.nonzero(cur < 0)[0].tolist())
         stale = [k for k in list_keys(self._store, "captures/done/")
                  if done_slot(k) in open_slots]
-        if stale:
-            async def drop() -> None:
-                await asyncio.gather(*(self._store.delete(k) for k in stale))
-            sync(drop())
+        delete(self._store, stale)
         for s in snapshot_steps(self._store):
             if s > step:
                 delete_snapshot_marker(self._store, s)

@@ -258,13 +258,13 @@ def test_stores_it_cannot_convert_get_one_line_and_exit_2(tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "store.upgrade", str(missing)], cwd=u.ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip().startswith(f"store.upgrade: no capture store at {missing}")
+    assert r.stderr.strip().startswith(f"error: no capture store at {missing}")
     assert len(r.stderr.strip().splitlines()) == 1 and not missing.exists()
 
     v2 = str(tmp_path / "v2.zarr")
     StoreWriter.create_or_open(v2, u.layout())
     assert upgrade.main([v2]) == 2
-    assert capsys.readouterr().err.strip() == (f"store.upgrade: store {v2} is already schema "
+    assert capsys.readouterr().err.strip() == (f"error: store {v2} is already schema "
                                                f"version 2: nothing to convert")
 
     newer = str(tmp_path / "v7.zarr")
@@ -280,7 +280,7 @@ def test_stores_it_cannot_convert_get_one_line_and_exit_2(tmp_path, capsys):
     before = _files(broken)
     assert upgrade.main([broken]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"store.upgrade: store {broken} is corrupt: array acts/blocks.1.mlp.hook_post "
+    assert err == (f"error: store {broken} is corrupt: array acts/blocks.1.mlp.hook_post "
                    f"is missing; nothing was changed")
     assert _files(broken) == before
 
