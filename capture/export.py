@@ -78,22 +78,17 @@ from pathlib import Path
 
 import numpy as np
 
-from store.errors import UserError, run_cli
+from store.errors import ArgumentParser, UserError, run_cli
 
 SEEDS_HOOK = "blocks.4.hook_resid_post"
 PROGRESS_MIN_BYTES = 64 << 20  # show a progress bar from this many activation bytes on
 STORE_DIR = "capture.zarr"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other bad input
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
     files = doc[doc.find("What an export"):doc.find("Every file is written")].strip()
-    p = _Parser(prog="python -m capture.export",
+    p = ArgumentParser(prog="python -m capture.export",
                 description="Write one captured step of a run's activation store as files.",
                 epilog=files, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", type=int,

@@ -7,6 +7,7 @@ every command-line entry point uses to report them.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
@@ -29,6 +30,14 @@ def run_cli(fn: Callable[[], int | None]) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     return rc if isinstance(rc, int) else 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad argument raised as a UserError (one line through `run_cli`)
+    instead of argparse's usage block and exit."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
 
 
 class StoreError(UserError):

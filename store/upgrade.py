@@ -26,7 +26,6 @@ numpy and zarr only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -37,7 +36,7 @@ from zarr.abc.store import Store
 from ._common import now_iso, open_array, open_store, url_str
 from ._create import create_array
 from ._io import delete_dir, get_bytes, set_bytes
-from .errors import CorruptStore, StoreError, StoreNotFound, run_cli
+from .errors import ArgumentParser, CorruptStore, StoreError, StoreNotFound, run_cli
 from .schema import FULL, RESERVED_ATTRS, SCHEMA_VERSION, SLOT_BLOCK, SUMMARY, ArraySpec, Layout
 
 FROM_VERSION = 1
@@ -182,7 +181,7 @@ def upgrade(url, dry_run: bool = False, storage_options: dict | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m store.upgrade",
         description=f"Convert a schema-{FROM_VERSION} capture store in place to schema "
                     f"{SCHEMA_VERSION} (metadata only; safe to rerun after a crash). Run it "
@@ -190,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("url", help="the store: RUN/capture.zarr, or a file:// or fsspec URL")
     ap.add_argument("--dry-run", action="store_true", help="say what it would do; change "
                                                            "nothing")
-    args = ap.parse_args(argv)
-    return run_cli(lambda: upgrade(args.url, dry_run=args.dry_run))
+    return run_cli(lambda: _upgrade(ap.parse_args(argv)))
+
+
+def _upgrade(args) -> None:
+    upgrade(args.url, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

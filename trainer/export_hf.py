@@ -24,11 +24,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from store.errors import UserError
+from store.errors import ArgumentParser, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m trainer.export_hf",
         description="Write a run's checkpoint or weight snapshot as a Hugging Face GPT-2 "
                     "folder.",
@@ -74,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from store.errors import run_cli
     from trainer.hf import quiet_cli
 
-    args = build_parser().parse_args(argv)
     quiet_cli()
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

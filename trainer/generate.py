@@ -29,7 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from store.errors import UserError, run_cli
+from store.errors import ArgumentParser, UserError, run_cli
 
 
 def continuation_nll(model, seq: torch.Tensor, start: int) -> torch.Tensor:
@@ -72,7 +72,7 @@ def generate_samples(model, prompt_ids: list[int], max_tokens: int, temperature:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m trainer.generate",
         description="Sample text from a run's checkpoint or weight snapshot."
     )
@@ -132,9 +132,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # 1 process
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

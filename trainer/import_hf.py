@@ -15,12 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from store.errors import UserError
+from store.errors import ArgumentParser, UserError
 from trainer.config import RunConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m trainer.import_hf",
         description="Make a run dir (config + step-0 checkpoint) from Hugging Face GPT-2 weights.",
     )
@@ -73,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from store.errors import run_cli
     from trainer.hf import quiet_cli
 
-    args = build_parser().parse_args(argv)
     quiet_cli()
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

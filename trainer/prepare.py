@@ -47,7 +47,7 @@ from typing import Iterator
 import numpy as np
 
 from trainer.cli import check_output_dir
-from store.errors import UserError, run_cli
+from store.errors import ArgumentParser, UserError, run_cli
 from trainer.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
 FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ _BUILDERS = {".txt": ("text", {"sample_by": "paragraph"}), ".jsonl": ("json", {}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m trainer.prepare",
         description="Tokenize text into GPT-2 uint16 token shards plus manifest.json.",
     )
@@ -356,11 +356,11 @@ def prepare(a: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return run_cli(lambda: _report(args, prepare(args)))
+    return run_cli(lambda: _prepare(_parser().parse_args(argv)))
 
 
-def _report(args, s: dict) -> None:
+def _prepare(args) -> None:
+    s = prepare(args)
     for split in ("train", "val"):
         print(f"{split}: {s['docs'][split]:,} docs, {s['tokens'][split]:,} tokens, "
               f"{s['shards'][split]} shards")

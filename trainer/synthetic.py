@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from store.errors import UserError, run_cli
+from store.errors import ArgumentParser, UserError, run_cli
 from trainer.data import FORMAT_VERSION
 
 
@@ -129,7 +129,7 @@ def write(out: Path, vocab: int, half: int, tokens: int, val_tokens: int, seed: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.synthetic", description=__doc__.split(
+    p = ArgumentParser(prog="python -m trainer.synthetic", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the data dir to write")
     p.add_argument("--vocab", type=int, default=256, help="token ids 0..vocab-1 (default 256)")
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-tokens", type=int, default=65_536, help="val tokens (default 65536)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    return run_cli(lambda: _run(a))
+    return run_cli(lambda: _run(p.parse_args(argv)))
 
 
 def _run(a) -> None:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from capture.capturer import Capturer, NoCapture
-from store.errors import run_cli
+from store.errors import ArgumentParser, run_cli
 from trainer import capture_setup, checkpoint
 from trainer import config as config_mod
 from trainer.cli import check_output_dir
@@ -66,7 +65,7 @@ class StopSignals:
 def parse_args(argv: list[str] | None):
     """The launch flags (argparse), and the rest: `--section.key=VALUE` config overrides,
     which `config.load` hands to tyro."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m trainer", allow_abbrev=False, add_help=False,
         description="Train GPT-2 (FSDP2 under torchrun).",
         epilog="Any config key can be set as --section.key=VALUE, e.g. --model.n_layer=4 "
@@ -442,8 +441,7 @@ def _print_plan(cfg: RunConfig, info: tdist.DistInfo, accum: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(argv)
-    return run_cli(lambda: _main(args, overrides))
+    return run_cli(lambda: _main(*parse_args(argv)))
 
 
 def _main(args, overrides: list[str]) -> int:

@@ -20,8 +20,8 @@ def test_every_script_is_installed_and_answers_help():
         out, err = p.communicate(timeout=120)
         module = SCRIPTS[name].split(":")[0]
         assert p.returncode == 0, (name, err[-2000:])
-        assert out.startswith("usage: python -m " + module.removesuffix(".train")), \
-            (name, out[:200])
+        prog = module.removesuffix(".train").removesuffix(".cli")
+        assert out.startswith("usage: python -m " + prog), (name, out[:200])
 
 
 def test_bad_input_through_a_script_is_one_line():
