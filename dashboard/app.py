@@ -1,15 +1,16 @@
 """The run dashboard: `streamlit run dashboard/app.py [-- --run-dir RUN | -- --runs-root DIR]`.
 
 Without arguments it lists the runs under `runs/` (or DASHBOARD_RUNS_ROOT); `--run-dir RUN`
-(or DASHBOARD_RUN_DIR) opens one run. Pages: Training, Dynamics, Neurons, Attention, Store
-(sidebar, or `?page=neurons` in the URL; `?page=attention&layer=1&head=0&step=40` and
-`?page=neurons&hook=...&neuron=7&step=40` open them at a head or neuron). It reads the
-run's capture store lazily through `store.reader.RunStore`, also while the run trains.
+(or DASHBOARD_RUN_DIR) opens one run. Pages: Training, Dynamics, Neurons, Attention, Prompt,
+Store (sidebar, or `?page=neurons` in the URL; `?page=attention&layer=1&head=0&step=40`,
+`?page=neurons&hook=...&neuron=7&step=40` and
+`?page=prompt&hook=...&neuron=7&layer=1&head=0&step=40` open them at a head or neuron). It
+reads the run's capture store lazily through `store.reader.RunStore`, also while the run trains.
 Every capture holds the summary tier (statistics, top-k, head scores, the logit lens, the
 probe loss); only full captures hold activations, attention patterns and neuron logit
 effects, so the parts that show those offer full steps only.
 Imports store, streamlit, plotly, numpy, pandas and tiktoken only: never torch, so it
-starts fast.
+starts fast (the Prompt page, dashboard/prompt.py, imports torch when it is opened).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from plotly.subplots import make_subplots  # noqa: E402
 
 from dashboard import data as D  # noqa: E402
 from dashboard import dynamics as DYN  # noqa: E402
+from dashboard import prompt as PR  # noqa: E402
 from store.errors import CorruptStore, SchemaVersionError, StoreError, StoreNotFound  # noqa: E402
 from store.schema import STATS  # noqa: E402
 
-PAGES = ["Training", "Dynamics", "Neurons", "Attention", "Store"]
+PAGES = ["Training", "Dynamics", "Neurons", "Attention", "Prompt", "Store"]
 LIVE_EVERY_S = 2.0
 SIZES_AUTO_MAX = 200  # committed captures up to which the Store page measures bytes on disk
 EMPTY = ("No captures are committed in this store yet: the run is still starting. "
@@ -238,6 +240,8 @@ def page_neurons(url: str, rs) -> None:
     neuron = int(st.number_input("Neuron", 0, width - 1, int(table["max"].fillna(-np.inf)
                                                                 .to_numpy().argmax()),
                                  key=f"neuron::{hook}"))
+    st.caption(f"[Neuron {neuron} on your own text (Prompt page)]"
+               f"({PR.prompt_link(hook=hook, neuron=neuron, step=step)})")
     hist = D.cached_neuron_history(url, n, hook, neuron)
     left, right = st.columns(2)
     f = make_subplots(specs=[[{"secondary_y": True}]])
@@ -314,6 +318,8 @@ def page_attention(url: str, rs) -> None:
     f.update_yaxes(autorange="reversed", title="query", type="category")
     f.update_xaxes(title="key", type="category")
     st.plotly_chart(f, key="attn_head_chart")
+    st.caption(f"[Layer {layer}, head {head} on your own text (Prompt page)]"
+               f"({PR.prompt_link(layer=layer, head=head, step=step)})")
 
     H = pat.shape[0]
     cols = min(H, 4)
@@ -372,8 +378,12 @@ def page_dynamics(url: str, rs) -> None:
     DYN.page(url, rs, fig_layout, step_slider)
 
 
+def page_prompt(url: str, rs) -> None:
+    PR.page(url, rs, fig_layout, _color)
+
+
 PAGE_FUNCS = {"Training": page_training, "Dynamics": page_dynamics, "Neurons": page_neurons,
-              "Attention": page_attention, "Store": page_store}
+              "Attention": page_attention, "Prompt": page_prompt, "Store": page_store}
 
 
 def apply_link(page: str, rs) -> None:
@@ -422,6 +432,8 @@ def apply_link(page: str, rs) -> None:
         step = take("step", lambda v: v in steps)
         if step is not None:
             ss["neuron_step"] = step
+    elif page == "Prompt":
+        PR.apply_link(rs, take)
 
 
 def main() -> None:

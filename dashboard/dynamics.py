@@ -142,7 +142,9 @@ def page(url: str, rs: RunStore, fig_layout, step_slider) -> None:
             f"Induction phase change at step **{pc['step']}**: layer {pc['layer']} head "
             f"{pc['head']}'s induction score reached {pc['score']:.2f} (it was "
             f"{pc['score_before']:.2f} at step {pc['before']}). "
-            + _attention_link(rs, pc["layer"], pc["head"], pc["step"]))
+            + _attention_link(rs, pc["layer"], pc["head"], pc["step"])
+            + f" [On your own text]"
+              f"({link('prompt', layer=pc['layer'], head=pc['head'], step=pc['step'])}).")
     elif "induction" in rs.head_score_names:
         st.info(f"No induction phase change yet: no head's induction score has crossed "
                 f"{PHASE_THRESHOLD} between two captures.")
@@ -295,4 +297,6 @@ def _logit_effects(url: str, rs: RunStore, fig_layout, step_slider) -> None:
                  key="dyn_dla_table")
     if mlp_hook(layer) in rs.hooks:
         st.markdown(f"[Neuron {neuron} of layer {layer} in the Neurons page at step {step}]"
-                    f"({link('neurons', hook=mlp_hook(layer), neuron=neuron, step=step)})")
+                    f"({link('neurons', hook=mlp_hook(layer), neuron=neuron, step=step)}) · "
+                    f"[on your own text]"
+                    f"({link('prompt', hook=mlp_hook(layer), neuron=neuron, step=step)})")
