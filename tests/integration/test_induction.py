@@ -110,3 +110,27 @@ def test_the_dynamics_page_marks_the_step_it_formed(monkeypatch, induction_run, 
     assert [sh["x0"] for sh in heat["shapes"]] == [j]  # the heatmap column of that step
     assert [(a["x"], a["text"]) for a in heat["annotations"]] == \
         [(j, f"phase change (step {int(steps[j])})")]
+
+
+def test_prompt_across_snapshots_shows_the_second_copy_loss_fall_at_the_phase_change(
+        induction_run, rs):
+    """The Prompt page's across-training view of the repeated random-token prompt (the
+    capture's own induction probe, as its button makes it): the second copy's loss falls
+    most between the two snapshots around the step the Dynamics page marks."""
+    from capture.prompt import induction_prompt, run_text
+    from dashboard.dynamics import phase_change
+    from dashboard.prompt import induction_setup
+
+    pc = phase_change(rs)
+    assert pc is not None
+    vocab, half, seed = induction_setup(rs)
+    r = run_text(induction_run, induction_prompt(vocab, half, seed), steps="all")
+    steps = r.steps.tolist()
+    assert len(steps) >= 10 and steps[-1] == 1500, steps
+    second = r.loss[:, half:].mean(1)  # loss[:, t] predicts token t + 1: the second copy
+    first = r.loss[:, :half - 1].mean(1)
+    k = int(np.argmax(-np.diff(second)))  # the largest fall: snapshots k -> k + 1
+    assert steps[k] < pc["step"] and steps[k + 1] >= pc["before"], \
+        (pc, dict(zip(steps, second.round(2).tolist())))
+    # ... and it is the induction head's: the first copy (unpredictable) does not fall
+    assert second[-1] < 0.5 * second[0] and first[-1] > 0.8 * first[0], (first, second)
