@@ -25,6 +25,8 @@ checkpoint) step, and get per step what the model made of it.
   weight snapshot (bf16 or fp16 weights, computed in float32). `trainer.snapshots` does
   the loading; the trainer is imported inside the functions that need it, never at the
   top, so `capture` keeps importing without the trainer's internals.
+- `load_transformer_lens(run_dir, step, hf_dir)`: the same model as TransformerLens'
+  `TransformerBridge`, booted from a Hugging Face folder of that step written to `hf_dir`.
 - `induction_prompt(vocab, half, seed)`: `half` random token ids then the same again
   (capture.dynamics.repeated_tokens, as the capture's induction probe draws them).
 
@@ -126,6 +128,26 @@ def load_model(run_dir: str | Path, step: int | None, device: str = "cpu"):
     checkpoint, else the latest snapshot) as the project's GPT, a TransformerLens
     HookedRootModule, float32, in eval mode, on `device`."""
     return _load(run_dir, None if step is None else _int(step, "step"), device).model
+
+
+def load_transformer_lens(run_dir: str | Path, step: int | None, hf_dir: str | Path,
+                          device: str = "cpu", tokenizer_file: str = ""):
+    """The run's model at `step` as TransformerLens' own model class, a `TransformerBridge`
+    (TransformerLens 4 removed `HookedTransformer`; `enable_compatibility_mode()` on the
+    bridge gives its numerics). The step is written to `hf_dir` as a Hugging Face GPT-2
+    folder (with the tokenizer files when the run's tokenizer is found), which the bridge
+    boots from, offline."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from trainer import hf
+
+    model = load_model(run_dir, step, "cpu")
+    try:
+        enc = _encoding(_run_config(run_dir), tokenizer_file)
+    except UserError:
+        enc = None  # a synthetic-vocabulary run: the bridge gets no tokenizer
+    hf.save_hf(model, hf_dir, encoding=enc)
+    return TransformerBridge.boot_transformers(str(hf_dir), device=_device(device)).eval()
 
 
 def _device(name: str) -> str:

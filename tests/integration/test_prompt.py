@@ -300,3 +300,18 @@ def test_cli_writes_the_npz(tiny_run, started):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: the text is empty"), lines
     assert not bad.exists() and not any(bad.parent.glob(".bad.npz*"))
+
+
+def test_a_snapshot_step_as_transformer_lens_bridge(tiny_run, tmp_path):
+    """TransformerLens' own model class at a snapshot step: the bridge booted offline from
+    that step's Hugging Face folder gives the Python API's loss and activations."""
+    bridge = prompt.load_transformer_lens(tiny_run, SNAP, tmp_path / "hf")
+    r = prompt.run_text(tiny_run, TEXT, steps=[SNAP], hooks=HOOKS[:1] + HOOKS[2:], top_k=0)
+    x = torch.as_tensor(r.tokens)[None]
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(x)
+    loss = F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="none")
+    torch.testing.assert_close(loss, torch.as_tensor(r.loss[0]), atol=1e-4, rtol=0)
+    for hook in HOOKS[:1] + HOOKS[2:]:
+        torch.testing.assert_close(cache[hook][0].float(), torch.as_tensor(r[hook][0]),
+                                   atol=1e-4, rtol=0)
