@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import BPE, CORPUS, SHARED, run_cli  # noqa: E402
+from helpers import (AHEAD, AHEAD_WITHOUT_DATA, BPE, CORPUS, SHARED, RunsAhead,  # noqa: E402
+                     run_cli)
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,35 @@ def shakespeare_data(shared, tmp_path_factory) -> Path:
                  "--tokenizer-file", str(BPE), "--val-fraction", "0.05", "--workers", "2"])
     assert r.returncode == 0, r.stderr
     return out
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The unit tests first, then the integration tests (each in their own order): the
+    integration tests' trainings start ahead, beside the unit tests, which leave a core of
+    two idle (runs_ahead)."""
+    items.sort(key=lambda item: "integration" in Path(item.nodeid.split("::")[0]).parts[:-1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runs_ahead(request, tmp_path_factory):
+    """helpers.RunsAhead over the AHEAD jobs (registered in the integration conftest and
+    test modules) whose fixtures the collected tests use, in the order the tests need them,
+    started at the session's first test."""
+    items = request.session.items
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        for name in AHEAD:
+            if name in item.fixturenames:
+                first.setdefault(name, i)
+    names = sorted(first, key=first.get)
+    data = None
+    if any(n not in AHEAD_WITHOUT_DATA for n in names):
+        if CORPUS.is_file() and BPE.is_file():
+            data = request.getfixturevalue("shakespeare_data")
+        else:  # (their fixtures fail on the missing data, each in its own test)
+            names = [n for n in names if n in AHEAD_WITHOUT_DATA]
+    runs = RunsAhead(data, lambda name: tmp_path_factory.mktemp(f"ahead_{name}"), names)
+    try:
+        yield runs
+    finally:
+        runs.close()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (losses, ok, popen, read_metrics, run_cli, torchrun, train_args,
+from helpers import (ahead, losses, ok, popen, read_metrics, run_cli, torchrun, train_args,
                      wait_for)
 from store.errors import StoreError
 from store.reader import RunStore
@@ -39,16 +39,66 @@ def model_at(run: Path, step: int) -> GPT:
     return model
 
 
+class StorePoller:
+    """A reader thread polling a run's store while the run trains, as the dashboard does:
+    every committed capture must read whole. `seen`: step -> when first seen; `errors`:
+    what the reader raised (it stops at the first)."""
+
+    def __init__(self, run: Path):
+        self.run, self.seen, self.errors = run, {}, []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll)
+
+    def _poll(self) -> None:
+        run, seen = self.run, self.seen
+        while not self.done.is_set():
+            try:
+                if not (run / "capture.zarr" / "zarr.json").exists():
+                    time.sleep(0.02)
+                    continue
+                store = RunStore(str(run / "capture.zarr"))
+                for s in store.steps():
+                    a = store.activations("blocks.0.hook_resid_post", int(s))
+                    assert a.shape[0] == 4 and np.abs(a).reshape(4, -1).max(1).min() > 0
+                    st = store.stats_at("blocks.0.hook_resid_post", int(s))
+                    assert np.isfinite(st["mean"]).all()
+                    seen.setdefault(int(s), time.time())
+                store.metrics("train")
+            except BaseException as e:  # noqa: BLE001 - the test reports it
+                self.errors.append(e)
+                return
+            time.sleep(0.01)
+
+    def __enter__(self) -> "StorePoller":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+@ahead("fsdp_run")
+def _fsdp_run(data: Path, base: Path):
+    run = base / "run"
+    with StorePoller(run) as poller:
+        r = run_cli(torchrun(2) + train_args(data, run, *CAP, "--checkpoint.every=1",
+                                             steps=6)[1:])
+    return run, r, poller
+
+
 @pytest.fixture(scope="module")
-def fsdp_run(shakespeare_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("cap") / "run"
-    r = ok(run_cli(torchrun(2) + train_args(shakespeare_data, run, *CAP,
-                                            "--checkpoint.every=1", steps=6)[1:]))
-    return run, r
+def fsdp_run(runs_ahead, shakespeare_data):
+    """2 FSDP ranks, 6 steps, a checkpoint every step, trained ahead (helpers.ahead); a
+    StorePoller read the store all the while it trained
+    (test_reader_polling_a_live_run_sees_only_whole_captures)."""
+    run, r, poller = runs_ahead.take("fsdp_run")
+    ok(r)
+    return run, r, poller
 
 
 def test_store_holds_the_models_own_activations_per_rank_slice(fsdp_run):
-    run, r = fsdp_run
+    run, r, _ = fsdp_run
     assert "capture plan for 6 steps" in r.stdout and r.stdout.count("total: ") == 1
     store = RunStore(str(run / "capture.zarr"))
     assert list(store.steps()) == [0, 1, 2, 3, 6]  # init, log-spaced early, every 3, final
@@ -98,7 +148,7 @@ def test_dynamics_equal_a_recomputation_from_each_checkpoint(fsdp_run):
     """Head scores, logit lens and neuron logit effects written by 2 FSDP ranks equal the
     same quantities computed here in one process, by plain loops and full logits, from
     the model at that step."""
-    run, _ = fsdp_run
+    run, _, _ = fsdp_run
     store = RunStore(str(run / "capture.zarr"))
     assert store.head_score_names == ["entropy", "prev_token", "duplicate", "induction"]
     assert store.has_lens and store.dla_layers == [0, 1, 2] and store.dla_k == 10
@@ -145,7 +195,7 @@ def test_dynamics_equal_a_recomputation_from_each_checkpoint(fsdp_run):
 
 
 def test_training_curves_are_in_the_store(fsdp_run):
-    run, _ = fsdp_run
+    run, _, _ = fsdp_run
     store = RunStore(str(run / "capture.zarr"))
     m = store.metrics("train")
     assert list(m["step"]) == [1, 2, 3, 4, 5, 6]
@@ -153,13 +203,28 @@ def test_training_curves_are_in_the_store(fsdp_run):
     assert np.isfinite(m["lr"]).all() and np.isfinite(m["grad_norm"]).all()
 
 
-def test_train_source_captures_the_live_micro_batch(shakespeare_data, tmp_path):
-    run = tmp_path / "run"
-    ok(run_cli(train_args(shakespeare_data, run, "--model.n_layer=5", "--capture.source=train",
-                          "--capture.hooks=blocks.4.hook_resid_post", "--capture.every=2",
-                          "--capture.full_every=2",
-                          "--capture.log_early=false", "--capture.at_init=false",
-                          "--capture.attn_layers=none", "--checkpoint.every=2", steps=4)))
+@ahead("train_source_run")
+def _train_source_run(data: Path, base: Path):
+    run = base / "run"
+    return run, run_cli(train_args(data, run, "--model.n_layer=5", "--capture.source=train",
+                                   "--capture.hooks=blocks.4.hook_resid_post",
+                                   "--capture.every=2", "--capture.full_every=2",
+                                   "--capture.log_early=false", "--capture.at_init=false",
+                                   "--capture.attn_layers=none", "--checkpoint.every=2",
+                                   steps=4))
+
+
+@pytest.fixture(scope="module")
+def train_source_run(runs_ahead, shakespeare_data) -> Path:
+    """4 steps capturing the live micro-batch (capture.source = train), trained ahead
+    (helpers.ahead)."""
+    run, r = runs_ahead.take("train_source_run")
+    ok(r)
+    return run
+
+
+def test_train_source_captures_the_live_micro_batch(train_source_run):
+    run = train_source_run
     store = RunStore(str(run / "capture.zarr"))
     assert list(store.steps()) == [2, 4] and store.source == "train"
     from trainer.data import DistributedLoader, TokenWindows
@@ -234,37 +299,9 @@ def test_kill9_during_capture_hides_the_torn_capture_and_resume_fills_it(
     assert list(read_metrics(run)) == list(range(1, 11))
 
 
-def test_reader_polling_a_live_run_sees_only_whole_captures(shakespeare_data, tmp_path):
-    run = tmp_path / "run"
-    seen: dict[int, float] = {}
-    errors: list[BaseException] = []
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            try:
-                if not (run / "capture.zarr" / "zarr.json").exists():
-                    time.sleep(0.02)
-                    continue
-                store = RunStore(str(run / "capture.zarr"))
-                for s in store.steps():
-                    a = store.activations("blocks.0.hook_resid_post", int(s))
-                    assert a.shape[0] == 4 and np.abs(a).reshape(4, -1).max(1).min() > 0
-                    st = store.stats_at("blocks.0.hook_resid_post", int(s))
-                    assert np.isfinite(st["mean"]).all()
-                    seen.setdefault(int(s), time.time())
-                store.metrics("train")
-            except BaseException as e:  # noqa: BLE001 - the test reports it
-                errors.append(e)
-                return
-            time.sleep(0.01)
-
-    t = threading.Thread(target=poll)
-    t.start()
-    try:
-        ok(run_cli(torchrun(2) + train_args(shakespeare_data, run, *CAP, steps=9)[1:]))
-    finally:
-        done.set()
-        t.join()
-    assert not errors, errors
-    assert sorted(seen) == [0, 1, 2, 3, 6, 9]
+def test_reader_polling_a_live_run_sees_only_whole_captures(fsdp_run):
+    """The reader that polled fsdp_run's store while it trained never failed, and saw every
+    capture."""
+    _, _, poller = fsdp_run
+    assert not poller.errors, poller.errors
+    assert sorted(poller.seen) == [0, 1, 2, 3, 6]

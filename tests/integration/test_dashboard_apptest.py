@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import BPE, ROOT, TINY_ARGS, TINY_FULL, TINY_SNAPSHOTS, TINY_STEPS, run_cli
+from helpers import BPE, ROOT, TINY_FULL, TINY_SNAPSHOTS, TINY_STEPS
 from store.reader import RunStore
 from store.writer import StoreWriter
 
@@ -406,12 +406,10 @@ def test_summary_only_store(monkeypatch, tmp_path):
     assert "No full capture is committed yet" in texts(at) and not at.error
 
 
-def test_dynamics_page_without_dynamics(monkeypatch, shakespeare_data, tmp_path):
-    run = tmp_path / "nodyn"
-    r = run_cli(["-m", "trainer", "--data", str(shakespeare_data), "--run-dir", str(run),
-                 *TINY_ARGS, "--max-steps", "2", "--capture.dynamics=false"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    at = app(monkeypatch, "dynamics", run_dir=run)
+def test_dynamics_page_without_dynamics(monkeypatch, dash_runs):
+    """A real run with capture.dynamics = false (TINY_ARGS for 2 steps; conftest.py's
+    dash_runs trains it beside tiny_run)."""
+    at = app(monkeypatch, "dynamics", run_dir=dash_runs["nodyn"])
     assert "stores no training dynamics" in texts(at)
 
 

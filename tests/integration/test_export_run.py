@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import ahead, run_cli
 from store.reader import RunStore
 
 pytestmark = pytest.mark.integration
@@ -31,11 +31,17 @@ def ok(r):
     return r
 
 
+@ahead("trained")
+def _train(data: Path, base: Path):
+    run = base / "run"
+    return run, run_cli(["-m", "trainer", "--data", str(data), "--run-dir", str(run), *TRAIN])
+
+
 @pytest.fixture(scope="module")
-def trained(shakespeare_data, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("export_run") / "run"
-    ok(run_cli(["-m", "trainer", "--data", str(shakespeare_data), "--run-dir", str(run),
-                *TRAIN]))
+def trained(runs_ahead, shakespeare_data) -> Path:
+    """The run (TRAIN), trained ahead (helpers.ahead)."""
+    run, r = runs_ahead.take("trained")
+    ok(r)
     assert (run / "capture.zarr").is_dir()
     return run
 

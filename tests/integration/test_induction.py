@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, read_metrics, run_cli
+from helpers import ROOT, ahead, read_metrics, run_cli
 from store.reader import RunStore
 from trainer import checkpoint
 
@@ -25,19 +25,28 @@ APP = str(ROOT / "dashboard" / "app.py")
 VOCAB = 32
 
 
-@pytest.fixture(scope="module")
-def induction_run(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("induction")
+@ahead("induction_run", data=False)
+def _induction(_data, d: Path):
+    """(d / "run", the synthetic data's process, the training's: None if there is no data)."""
     r = run_cli(["-m", "trainer.synthetic", "--out", str(d / "data"), "--vocab", str(VOCAB),
                  "--half", "20", "--min-half", "6", "--tokens", "1000000",
                  "--val-tokens", "16384"])
-    assert r.returncode == 0, r.stderr
+    if r.returncode != 0:
+        return d / "run", r, None
     # The config as a user runs it; only the paths and the PNG plot differ.
-    r = run_cli(["-m", "trainer", "--config", str(ROOT / "configs" / "induction.toml"),
-                 "--run-dir", str(d / "run"), "--data", str(d / "data"),
-                 "--log.plot=false"], timeout=900)
+    return d / "run", r, run_cli(["-m", "trainer", "--config",
+                                  str(ROOT / "configs" / "induction.toml"), "--run-dir",
+                                  str(d / "run"), "--data", str(d / "data"),
+                                  "--log.plot=false"], timeout=900)
+
+
+@pytest.fixture(scope="module")
+def induction_run(runs_ahead) -> Path:
+    """The run, trained ahead (helpers.ahead)."""
+    run, data, r = runs_ahead.take("induction_run")
+    assert data.returncode == 0, data.stderr
     assert r.returncode == 0, r.stderr[-3000:]
-    return d / "run"
+    return run
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load
 
-from helpers import ROOT, env, ok, read_metrics, run_cli, torchrun, train_args
+from helpers import (ROOT, ahead, env, ok, read_metrics, run_cli, run_clis, torchrun,
+                     train_args)
 from store.reader import RunStore
 
 pytestmark = pytest.mark.integration
@@ -29,17 +31,24 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-@pytest.fixture(scope="module")
-def launches(shakespeare_data, tmp_path_factory):
-    base = tmp_path_factory.mktemp("launch")
+@ahead("launches")
+def _launch(data: Path, base: Path) -> dict:
     runs = {"one_fp32": (False, []), "fsdp_fp32_meta": (True, ["--parallel.meta_init=true"]),
             "fsdp_bf16": (True, ["--train.dtype=bf16"])}
-    out = {}
+    launch = []
     for name, (fsdp, extra) in runs.items():
-        args = train_args(shakespeare_data, base / name, *CAPTURE, *extra, steps=1)
-        ok(run_cli(torchrun(2) + args[1:] if fsdp else args))
-        out[name] = base / name
-    return out
+        args = train_args(data, base / name, *CAPTURE, *extra, steps=1)
+        launch.append(torchrun(2) + args[1:] if fsdp else args)
+    return {name: (base / name, r) for name, r in zip(runs, run_clis(*launch))}
+
+
+@pytest.fixture(scope="module")
+def launches(runs_ahead, shakespeare_data):
+    """One step of each launch, side by side, trained ahead (helpers.ahead)."""
+    runs = runs_ahead.take("launches")
+    for _, r in runs.values():
+        ok(r)
+    return {name: run for name, (run, _) in runs.items()}
 
 
 def test_initial_weights_and_snapshots_do_not_depend_on_the_launch(launches):
@@ -78,18 +87,30 @@ def test_capture_agrees_across_launches(launches):
                                            atol=1e-6)
 
 
-def test_compile_with_capture_and_eval_recompiles_nothing(shakespeare_data, tmp_path):
-    """torch.compile per block under FSDP: the capture's hooked forwards and evaluation run
-    eager, so only the first step compiles and nothing recompiles."""
-    run = tmp_path / "run"
-    args = train_args(shakespeare_data, run, "--parallel.compile=true", "--capture.every=2",
+@ahead("compiled")
+def _compiled(data: Path, base: Path):
+    run = base / "run"
+    args = train_args(data, run, "--parallel.compile=true", "--capture.every=2",
                       "--capture.full_every=2", "--capture.snapshot_every=4",
                       "--capture.log_early=false", "--capture.probe_seqs=4",
                       "--capture.probe_len=32", "--eval.every=3", "--eval.val_batches=2",
                       "--eval.sample_tokens=8", steps=6)
-    r = subprocess.run([sys.executable, *torchrun(2), *args[1:]], cwd=ROOT,
-                       env=env(TORCH_LOGS="recompiles"), capture_output=True, text=True,
-                       timeout=600)
+    return run, subprocess.run([sys.executable, *torchrun(2), *args[1:]], cwd=ROOT,
+                               env=env(TORCH_LOGS="recompiles"), capture_output=True,
+                               text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def compiled(runs_ahead, shakespeare_data):
+    """(run dir, process) of 6 steps with parallel.compile on 2 ranks, capture and
+    evaluation, recompiles logged (TORCH_LOGS); trained ahead (helpers.ahead)."""
+    return runs_ahead.take("compiled")
+
+
+def test_compile_with_capture_and_eval_recompiles_nothing(compiled):
+    """torch.compile per block under FSDP: the capture's hooked forwards and evaluation run
+    eager, so only the first step compiles and nothing recompiles."""
+    run, r = compiled
     ok(r)
     assert "Recompiling" not in r.stderr, r.stderr[-3000:]
     m = read_metrics(run)
@@ -129,9 +150,21 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_root_stays_gathered_after_forward_and_reshard_frees_it(tmp_path):
-    script = tmp_path / "probe_fsdp.py"
+@ahead("probed", data=False)
+def _probed(_data, base: Path):
+    script = base / "probe_fsdp.py"
     script.write_text(SCRIPT)
-    ok(run_cli(torchrun(2) + [str(script), str(tmp_path)], timeout=120))
+    return base, run_cli(torchrun(2) + [str(script), str(base)], timeout=120)
+
+
+@pytest.fixture(scope="module")
+def probed(runs_ahead):
+    """(folder, process) of SCRIPT on 2 ranks, run ahead (helpers.ahead)."""
+    return runs_ahead.take("probed")
+
+
+def test_root_stays_gathered_after_forward_and_reshard_frees_it(probed):
+    out, r = probed
+    ok(r)
     for rank in (0, 1):  # sharded after a forward? root, first block, last block; then all
-        assert (tmp_path / f"rank{rank}.txt").read_text() == "[False, True, False] True"
+        assert (out / f"rank{rank}.txt").read_text() == "[False, True, False] True"

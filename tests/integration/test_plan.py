@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ok, run_cli, train_args
+from helpers import (TINY_ARGS, TINY_FULL, TINY_SNAPSHOTS, TINY_STEPS, ok, run_cli, run_clis,
+                     train_args)
 from store.reader import RunStore
 
 pytestmark = pytest.mark.integration
@@ -25,13 +26,15 @@ def _total(stdout: str) -> float:
 
 
 def test_gpt2_plan_fits_50_gb_without_data():
-    r = ok(run_cli(["-m", "trainer", "--config", "configs/gpt2.toml", "--plan",
-                    "--world-size", "8"]))
+    r, bad = run_clis(
+        ["-m", "trainer", "--config", "configs/gpt2.toml", "--plan", "--world-size", "8"],
+        ["-m", "trainer", "--config", "configs/gpt2.toml", "--plan", "--world-size", "0"])
+    ok(r)
     assert _total(r.stdout) <= 50e9
     for tier in ("summary", "full", "snapshot"):
         assert re.search(rf"^  {tier} +[0-9,]+ ", r.stdout, re.M), r.stdout
-    r = run_cli(["-m", "trainer", "--config", "configs/gpt2.toml", "--plan", "--world-size", "0"])
-    assert r.returncode == 2 and r.stderr.strip() == "error: --world-size must be at least 1, got 0"
+    assert bad.returncode == 2 and \
+        bad.stderr.strip() == "error: --world-size must be at least 1, got 0"
 
 
 def _disk(path: Path) -> int:
@@ -40,21 +43,20 @@ def _disk(path: Path) -> int:
                and p.name != "zarr.json")
 
 
-def test_plan_matches_the_bytes_a_real_run_wrote(shakespeare_data, tmp_path):
+def test_plan_matches_the_bytes_a_real_run_wrote(shakespeare_data, tiny_run):
+    """The real run: conftest.py's tiny_run (helpers.TINY_ARGS: 8 steps, a 4 x 16 probe,
+    summaries every 2 steps, snapshots every 3), which this test only reads."""
     from trainer import capture_setup
     from trainer.config import load_run_config
 
-    run = tmp_path / "run"
-    extra = ["--capture.every=2", "--capture.full_every=4", "--capture.snapshot_every=4",
-             "--capture.probe_seqs=4", "--capture.probe_len=16"]
-    ok(run_cli(train_args(shakespeare_data, run, *extra, steps=8)))
+    run = tiny_run
     cfg = load_run_config(run)
     plan = {t.tier: t for t in capture_setup.capture_plan(cfg, 1).tiers}
     rs = RunStore(str(run / "capture.zarr"))
     tiers = rs.tiers()
-    assert plan["summary"].steps == sorted(tiers) == [0, 1, 2, 4, 6, 8]
-    assert plan["full"].steps == [s for s, t in tiers.items() if "full" in t] == [0, 1, 2, 4, 8]
-    assert plan["snapshot"].steps == rs.snapshot_steps() == [0, 1, 2, 4, 8]
+    assert plan["summary"].steps == sorted(tiers) == TINY_STEPS == [0, 1, 2, 4, 6, 8]
+    assert plan["full"].steps == [s for s, t in tiers.items() if "full" in t] == TINY_FULL
+    assert plan["snapshot"].steps == rs.snapshot_steps() == TINY_SNAPSHOTS
 
     root = run / "capture.zarr"
     specs = {s.path: s for s in rs.layout.array_specs()}
@@ -75,7 +77,8 @@ def test_plan_matches_the_bytes_a_real_run_wrote(shakespeare_data, tmp_path):
         size = len(rs.snapshot_file(s))
         assert 2 * params <= size <= plan["snapshot"].per_capture
     # What the plan prints is the same arithmetic.
-    r = ok(run_cli(train_args(shakespeare_data, run, *extra, "--plan", steps=8)))
+    r = ok(run_cli(["-m", "trainer", "--data", str(shakespeare_data), "--run-dir", str(run),
+                    *TINY_ARGS, "--plan"]))
     total = sum(t.total for t in plan.values())
     assert abs(_total(r.stdout) - total) <= 0.06 * total
 
@@ -83,12 +86,13 @@ def test_plan_matches_the_bytes_a_real_run_wrote(shakespeare_data, tmp_path):
 def test_a_plan_over_budget_is_refused_before_anything_is_written(shakespeare_data,
                                                                   tmp_path):
     run = tmp_path / "run"
-    r = run_cli(train_args(shakespeare_data, run, "--capture.budget=1MB", steps=8))
+    r, lots = run_clis(train_args(shakespeare_data, run, "--capture.budget=1MB", steps=8),
+                       train_args(shakespeare_data, run, "--capture.budget=lots", steps=8))
     assert r.returncode == 2, r.stderr
     lines = [x for x in r.stderr.strip().splitlines() if x]
     assert len(lines) == 1 and lines[0].startswith("error: the capture plan needs"), r.stderr
     assert "capture.budget" in lines[0] and "snapshot" in lines[0]
     assert not run.exists()
-    r = run_cli(train_args(shakespeare_data, run, "--capture.budget=lots", steps=8))
+    r = lots
     assert r.returncode == 2 and "capture.budget must look like" in r.stderr
     assert "Traceback" not in r.stderr and not run.exists()

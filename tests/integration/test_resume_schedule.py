@@ -6,6 +6,7 @@ weight snapshot leaves only whole snapshots visible."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -13,29 +14,48 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import losses, ok, popen, run_cli, torchrun, train_args, wait_for
+from helpers import (CAP3, ahead, losses, ok, popen, run_cli, run_clis, torchrun, train_args,
+                     wait_for)
 from store.reader import RunStore
 from trainer import checkpoint
 
 pytestmark = pytest.mark.integration
 
-# 16-token probe, statistics and activations every 3 steps, snapshots every 3.
-CAP = ["--capture.every=3", "--capture.full_every=3", "--capture.snapshot_every=3",
-       "--capture.probe_seqs=4", "--capture.probe_len=16", "--capture.attn_seqs=2"]
+# 16-token probe, statistics and activations every 3 steps, snapshots every 3: the captures
+# of conftest.py's uninterrupted 12-step runs, which the resumed runs here must equal.
+CAP = CAP3
+
+
+def _args(data: Path, run: Path, steps: int, *extra: str, ranks: int = 1) -> list[str]:
+    args = train_args(data, run, *CAP, *extra, steps=steps)
+    return torchrun(ranks) + args[1:] if ranks > 1 else args
 
 
 def _train(data: Path, run: Path, steps: int, *extra: str, ranks: int = 1):
-    args = train_args(data, run, *CAP, *extra, steps=steps)
-    return ok(run_cli(torchrun(ranks) + args[1:] if ranks > 1 else args))
+    return ok(run_cli(_args(data, run, steps, *extra, ranks=ranks)))
+
+
+@ahead("first_legs")
+def _first_legs(data: Path, base: Path) -> dict:
+    legs = {"one5": (5, 1), "two6": (6, 2)}
+    results = run_clis(*(_args(data, base / k, n, ranks=w) for k, (n, w) in legs.items()))
+    return {k: (base / k, r) for k, r in zip(legs, results)}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shakespeare_data, tmp_path_factory):
-    base = tmp_path_factory.mktemp("whole")
-    one, two = base / "one", base / "two"
-    _train(shakespeare_data, one, 12)
-    _train(shakespeare_data, two, 12, ranks=2)
-    return {"one": one, "two": two}
+def first_legs(runs_ahead, shakespeare_data) -> dict[str, Path]:
+    """The first legs the tests resume, trained side by side (and ahead: helpers.ahead):
+    "one5", one process to step 5 (its last step off the capture cadence); "two6", two FSDP
+    ranks to step 6. Each test resumes a copy of its own."""
+    legs = runs_ahead.take("first_legs")
+    for _, r in legs.values():
+        ok(r)
+    return {k: leg for k, (leg, _) in legs.items()}
+
+
+def _copy(leg: Path, run: Path) -> Path:
+    shutil.copytree(leg, run)
+    return run
 
 
 def _store(run: Path) -> RunStore:
@@ -62,9 +82,8 @@ def _same_captures(a: RunStore, b: RunStore, steps, exact: bool = True) -> None:
 
 
 def test_resume_with_more_steps_appends_to_the_same_store(shakespeare_data, uninterrupted,
-                                                          tmp_path):
-    run = tmp_path / "run"
-    _train(shakespeare_data, run, 5)
+                                                          first_legs, tmp_path):
+    run = _copy(first_legs["one5"], tmp_path / "run")  # 5 steps
     r = _train(shakespeare_data, run, 12, "--resume")
     assert "resumed from step 5" in r.stdout
     ref = uninterrupted["one"]
@@ -78,28 +97,27 @@ def test_resume_with_more_steps_appends_to_the_same_store(shakespeare_data, unin
     assert a.max_steps == 12 and list(a.metrics()["step"]) == list(range(1, 13))
 
 
-def test_resume_with_another_cadence(shakespeare_data, uninterrupted, tmp_path):
-    run = tmp_path / "run"
-    _train(shakespeare_data, run, 6)
+def test_resume_with_another_cadence(shakespeare_data, uninterrupted, first_legs, tmp_path):
+    run = _copy(first_legs["one5"], tmp_path / "run")  # 5 steps
     r = _train(shakespeare_data, run, 12, "--resume", "--capture.every=4",
                "--capture.full_every=4", "--capture.snapshot_every=0")
-    assert "resumed from step 6" in r.stdout
+    assert "resumed from step 5" in r.stdout
     ref = uninterrupted["one"]
     assert losses(run) == losses(ref)
     a, b = _store(run), _store(ref)
-    assert list(a.steps()) == [0, 1, 2, 3, 6, 8, 12]  # every 3 up to 6, then every 4
+    # every 3 up to 5 and the first leg's last step, then every 4
+    assert list(a.steps()) == [0, 1, 2, 3, 5, 8, 12]
     shared = sorted(set(a.steps()) & set(b.steps()))
-    assert shared == [0, 1, 2, 3, 6, 12]
+    assert shared == [0, 1, 2, 3, 12]
     _same_captures(a, b, shared)
-    assert a.snapshot_steps() == [0, 1, 2, 3, 6]  # snapshots off after the resume
+    assert a.snapshot_steps() == [0, 1, 2, 3, 5]  # snapshots off after the resume
 
 
-def test_resume_on_another_world_size(shakespeare_data, uninterrupted, tmp_path):
+def test_resume_on_another_world_size(shakespeare_data, uninterrupted, first_legs, tmp_path):
     """Two FSDP ranks to step 6, then one process to 12: the global batch is the same, so
     the training is; the first leg's captures equal the uninterrupted 2-rank run's bit for
     bit, the second leg's agree to float tolerance (one process sums in another order)."""
-    run = tmp_path / "run"
-    _train(shakespeare_data, run, 6, ranks=2)
+    run = _copy(first_legs["two6"], tmp_path / "run")
     r = _train(shakespeare_data, run, 12, "--resume")
     assert "resumed from step 6" in r.stdout
     ref = uninterrupted["two"]
@@ -161,17 +179,19 @@ def test_kill9_during_a_snapshot_hides_it_and_resume_rewrites_it(shakespeare_dat
 
 
 def test_an_incompatible_resume_is_refused_in_one_line_before_writing(shakespeare_data,
-                                                                      tmp_path):
-    run = tmp_path / "run"
-    _train(shakespeare_data, run, 3)
+                                                                      first_legs, tmp_path):
+    run = _copy(first_legs["one5"], tmp_path / "run")  # 5 steps
     config = (run / "config.toml").read_text()
-    for extra, words in ((["--capture.hooks=blocks.0.hook_resid_post"], "act_hooks"),
-                         (["--capture.probe_seed=7"], "another probe set"),
-                         (["--capture.attn_len=8"], "attn_len")):
-        r = run_cli(train_args(shakespeare_data, run, *CAP, *extra, "--resume", steps=6))
+    cases = ((["--capture.hooks=blocks.0.hook_resid_post"], "act_hooks"),
+             (["--capture.probe_seed=7"], "another probe set"),
+             (["--capture.attn_len=8"], "attn_len"))
+    # the three attempts side by side: each must be refused before it writes anything
+    results = run_clis(*(train_args(shakespeare_data, run, *CAP, *extra, "--resume", steps=6)
+                         for extra, _ in cases))
+    for (_, words), r in zip(cases, results):
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: store ") and words in lines[0], \
             r.stderr
-        assert (run / "config.toml").read_text() == config  # nothing written
-    assert list(_store(run).steps()) == [0, 1, 2, 3]
+    assert (run / "config.toml").read_text() == config  # nothing written
+    assert list(_store(run).steps()) == [0, 1, 2, 3, 5]

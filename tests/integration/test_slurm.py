@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,9 +157,11 @@ def test_job_runs_to_completion(completed):
     assert (status["scheduler"], status["job_id"], status["restarts"]) == ("slurm", jid, 0)
 
 
-def test_signalled_job_checkpoints_requeues_and_resumes(cluster, completed, shakespeare_data,
-                                                        tmp_path):
-    """What a time limit does (--signal=B:USR2@300): USR2 to the batch shell only."""
+def test_signalled_job_checkpoints_requeues_and_resumes(pbs_legs, cluster, completed,
+                                                        shakespeare_data, tmp_path):
+    """What a time limit does (--signal=B:USR2@300): USR2 to the batch shell only. (The PBS
+    test's job starts first and runs beside this one: the cluster's node is idle while the
+    requeued job waits.)"""
     run_dir = tmp_path / "run"
     jid = sbatch(cluster, tmp_path, "preempted", job_args(shakespeare_data, run_dir))
     info = signal_at_step(cluster, run_dir, jid, 5)
@@ -252,31 +255,88 @@ def pbs_job(tmp_path: Path, name: str, args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def test_pbs_mpiexec_launch_stops_on_term_and_resumes(completed, shakespeare_data, tmp_path):
+class PbsLegs(threading.Thread):
+    """The PBS job of test_pbs_mpiexec_launch_stops_on_term_and_resumes, run in a thread
+    beside the SLURM tests (it needs no node of the cluster, which is idle while a requeued
+    job waits): to step 4, PBS's SIGTERM to the batch shell, then the resubmitted job with
+    --resume. Records what the test checks: each leg's exit status and output, and the
+    status file and latest checkpoint the first leg left; `error` what failed on the way."""
+
+    def __init__(self, data: Path, tmp_path: Path):
+        super().__init__(daemon=True)
+        self.tmp_path, self.run_dir = tmp_path, tmp_path / "run"
+        self.args = job_args(data, self.run_dir)
+        self.legs: list[tuple[int, str]] = []
+        self.status1: dict = {}
+        self.latest1: int | None = None
+        self.error: BaseException | None = None
+        self.procs: list[subprocess.Popen] = []
+
+    def _leg(self, args: list[str]) -> subprocess.Popen:
+        p = pbs_job(self.tmp_path, "pbsjob", args)
+        self.procs.append(p)
+        return p
+
+    def run(self) -> None:
+        try:
+            run_dir = self.run_dir
+            p = self._leg(self.args)
+            t0 = time.time()
+            while not (run_dir / "metrics.jsonl").exists() or \
+                    max(read_metrics(run_dir), default=0) < 4:
+                assert p.poll() is None, p.communicate()[0]
+                assert time.time() - t0 < 300
+                time.sleep(0.2)
+            p.send_signal(signal.SIGTERM)  # to the batch shell
+            out = p.communicate(timeout=300)[0]
+            self.legs.append((p.returncode, out))
+            self.status1 = json.loads((run_dir / "status.json").read_text())
+            self.latest1 = checkpoint.latest_step(run_dir)
+            p = self._leg([*self.args, "--resume"])
+            out = p.communicate(timeout=300)[0]
+            self.legs.append((p.returncode, out))
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            self.error = e
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+
+
+@pytest.fixture(scope="module")
+def pbs_legs(shakespeare_data, tmp_path_factory):
+    assert shutil.which("mpiexec"), "mpiexec missing: make cluster-tools installs MPICH"
+    legs = PbsLegs(shakespeare_data, tmp_path_factory.mktemp("pbs"))
+    legs.start()
+    try:
+        yield legs
+    finally:
+        legs.join(timeout=660)
+        legs.stop()
+
+
+def test_pbs_mpiexec_launch_stops_on_term_and_resumes(pbs_legs, completed):
     """Under PBS (its job variables set, a real mpiexec), one process per rank with the
     MPI rank variables mapped to torch's; PBS's SIGTERM at the walltime stops the ranks at
     a checkpoint, and the resubmitted job (--resume) finishes with the same losses as the
-    SLURM job."""
-    run_dir = tmp_path / "run"
-    args = job_args(shakespeare_data, run_dir)
-    p = pbs_job(tmp_path, "pbsjob", args)
-    t0 = time.time()
-    while not (run_dir / "metrics.jsonl").exists() or max(read_metrics(run_dir), default=0) < 4:
-        assert p.poll() is None, p.communicate()[0]
-        assert time.time() - t0 < 300
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)  # to the batch shell
-    out = p.communicate(timeout=300)[0]
-    assert p.returncode == 3, out
+    SLURM job. (The job ran beside the SLURM tests: PbsLegs.)"""
+    pbs_legs.join(timeout=660)
+    assert not pbs_legs.is_alive(), "the PBS job did not end"
+    if pbs_legs.error is not None:
+        raise pbs_legs.error
+    run_dir = pbs_legs.run_dir
+    (rc, out), (rc2, out2) = pbs_legs.legs
+    assert rc == 3, out
     assert "pbs job 43 (pbsjob)" in out
     assert "got SIGTERM" in out and "resubmit with --resume" in out
-    status = json.loads((run_dir / "status.json").read_text())
+    status = pbs_legs.status1
     assert (status["status"], status["scheduler"]) == ("stopped", "pbs")
-    assert checkpoint.latest_step(run_dir) == status["step"]
+    assert pbs_legs.latest1 == status["step"]
 
-    p = pbs_job(tmp_path, "pbsjob", [*args, "--resume"])
-    out = p.communicate(timeout=300)[0]
-    assert p.returncode == 0, out
+    out = out2
+    assert rc2 == 0, out
     assert "1 node(s) x 2 rank(s)" in out and f"resumed from step {status['step']}" in out
     check_whole_run(run_dir)
     assert losses(run_dir) == losses(completed[3])

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import ahead, run_cli, run_clis
 from store.reader import RunStore
 
 pytestmark = pytest.mark.integration
@@ -57,12 +57,27 @@ def one_error_line(r: subprocess.CompletedProcess, *msgs: str) -> str:
     return lines[0]
 
 
+@ahead("snapshot_runs")
+def _snapshot_runs(data: Path, base: Path) -> dict:
+    extra = {"bf16": [], "fp16": ["--capture.snapshot_dtype=fp16"]}
+    results = run_clis(*(["-m", "trainer", "--data", str(data), "--run-dir", str(base / k),
+                          *TRAIN, *x] for k, x in extra.items()))
+    return {k: (base / k, r) for k, r in zip(extra, results)}
+
+
 @pytest.fixture(scope="module")
-def run(shakespeare_data, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("snapshots") / "run"
-    ok(run_cli(["-m", "trainer", "--data", str(shakespeare_data), "--run-dir", str(run),
-                *TRAIN], timeout=600))
-    return run
+def snapshot_runs(runs_ahead, shakespeare_data) -> dict[str, Path]:
+    """The run (bf16 snapshots) and the same with fp16 snapshots, trained side by side (and
+    ahead: helpers.ahead)."""
+    runs = runs_ahead.take("snapshot_runs")
+    for _, r in runs.values():
+        ok(r)
+    return {k: run for k, (run, _) in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def run(snapshot_runs) -> Path:
+    return snapshot_runs["bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +92,17 @@ def exported(run, tmp_path_factory):
     made: dict[int, Path] = {}
 
     def get(step: int) -> Path:
-        if step not in made:
-            d = out / f"step_{step}"
-            r = ok(run_cli(["-m", "capture.export", "--run-dir", str(run), "--step", str(step),
-                            "--format", "hf", "--out", str(d)]))
-            assert r.stdout.strip() == str(d)
-            assert "warning" not in r.stderr and "no tokenizer" not in r.stderr, r.stderr
-            made[step] = d
+        if step not in made:  # the first call exports both steps the tests read, side by side
+            steps = [s for s in sorted({step, 2, 4}) if s not in made]
+            results = run_clis(*(["-m", "capture.export", "--run-dir", str(run), "--step",
+                                  str(s), "--format", "hf", "--out", str(out / f"step_{s}")]
+                                 for s in steps))
+            for s, r in zip(steps, results):
+                d = out / f"step_{s}"
+                ok(r)
+                assert r.stdout.strip() == str(d)
+                assert "warning" not in r.stderr and "no tokenizer" not in r.stderr, r.stderr
+                made[s] = d
         return made[step]
 
     return get
@@ -183,10 +202,8 @@ def test_hf_export_computes_the_stored_activations(run, store, exported, step):
 FP16_TOL = 2.0 ** -9
 
 
-def test_fp16_snapshot_export_computes_the_stored_activations(shakespeare_data, tmp_path):
-    run = tmp_path / "run"
-    ok(run_cli(["-m", "trainer", "--data", str(shakespeare_data), "--run-dir", str(run),
-                *TRAIN, "--capture.snapshot_dtype=fp16"], timeout=600))
+def test_fp16_snapshot_export_computes_the_stored_activations(snapshot_runs, tmp_path):
+    run = snapshot_runs["fp16"]  # TRAIN with capture.snapshot_dtype = fp16
     rs = RunStore(str(run / "capture.zarr"))
     assert json.loads(rs.snapshot_file(4, "config.json"))["dtype"] == "fp16"
     out = tmp_path / "hf"
@@ -269,12 +286,12 @@ def test_pruned_checkpoint_loads_from_its_snapshot(run, store, tmp_path):
     # and step 1, never a checkpoint at all
     assert load_model_at(run, 1).source == "snapshot"
     # trainer.export_hf says which it used
-    r = ok(run_cli(["-m", "trainer.export_hf", "--run-dir", str(run), "--step", "2",
-                    "--out", str(tmp_path / "s2")]))
-    assert "step 2 from bf16 weight snapshot in" in r.stdout, r.stdout
-    r = ok(run_cli(["-m", "trainer.export_hf", "--run-dir", str(run), "--step", "4",
-                    "--out", str(tmp_path / "c4")]))
-    assert "step 4 from checkpoint " in r.stdout, r.stdout
+    r2, r4 = run_clis(["-m", "trainer.export_hf", "--run-dir", str(run), "--step", "2",
+                       "--out", str(tmp_path / "s2")],
+                      ["-m", "trainer.export_hf", "--run-dir", str(run), "--step", "4",
+                       "--out", str(tmp_path / "c4")])
+    assert "step 2 from bf16 weight snapshot in" in ok(r2).stdout, r2.stdout
+    assert "step 4 from checkpoint " in ok(r4).stdout, r4.stdout
     hf = hf_model(tmp_path / "s2")
     x = torch.from_numpy(np.asarray(store.tokens(2))[:2]).long()
     with torch.no_grad():
@@ -284,17 +301,20 @@ def test_pruned_checkpoint_loads_from_its_snapshot(run, store, tmp_path):
 def test_a_step_without_a_snapshot_is_one_error_line(run, tmp_path):
     """Step 3: a summary capture, no snapshot, no checkpoint."""
     snaps = "0, 1, 2, 4"
-    r = run_cli(["-m", "capture.export", "--run-dir", str(run), "--step", "3", "--format",
-                 "hf", "--out", str(tmp_path / "hf")])
-    one_error_line(r, "no weight snapshot at step 3", f"snapshot steps: {snaps}")
-    for tool, extra in (("trainer.generate", ["--prompt", "x"]),
-                        ("trainer.export_hf", ["--out", str(tmp_path / "hf")])):
-        r = run_cli(["-m", tool, "--run-dir", str(run), "--step", "3", *extra])
+    tools = (("trainer.generate", ["--prompt", "x"]),
+             ("trainer.export_hf", ["--out", str(tmp_path / "hf")]))
+    # the four attempts side by side (none may write anything)
+    hf, *by_tool, acts = run_clis(
+        ["-m", "capture.export", "--run-dir", str(run), "--step", "3", "--format", "hf",
+         "--out", str(tmp_path / "hf")],
+        *(["-m", tool, "--run-dir", str(run), "--step", "3", *extra] for tool, extra in tools),
+        # the activation formats: step 3 is a summary capture, the nearest full ones named
+        ["-m", "capture.export", "--run-dir", str(run), "--step", "3", "--out",
+         str(tmp_path / "acts")])
+    one_error_line(hf, "no weight snapshot at step 3", f"snapshot steps: {snaps}")
+    for r in by_tool:
         one_error_line(r, "no checkpoint or weight snapshot for step 3",
                        "checkpoint steps: 4", f"snapshot steps: {snaps}")
     assert not (tmp_path / "hf").exists()
-    # the activation formats: step 3 is a summary capture, the nearest full ones are named
-    r = run_cli(["-m", "capture.export", "--run-dir", str(run), "--step", "3", "--out",
-                 str(tmp_path / "acts")])
-    one_error_line(r, "step 3 has a summary capture only", "before 2", "after 4")
+    one_error_line(acts, "step 3 has a summary capture only", "before 2", "after 4")
     assert not (tmp_path / "acts").exists()

@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
-from helpers import (STEPS, losses, ok, popen, read_metrics, run_cli, steps_logged, torchrun,
-                     train_args, wait_for)
+from helpers import (STEPS, ahead, losses, ok, popen, read_metrics, run_cli, run_clis,
+                     steps_logged, torchrun, train_args, wait_for)
 from trainer import checkpoint
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def reference(shakespeare_data, tmp_path_factory):
-    """Uninterrupted runs: one process, and two FSDP ranks with the same global batch."""
-    base = tmp_path_factory.mktemp("ref")
-    one, two = base / "one", base / "two"
-    ok(run_cli(train_args(shakespeare_data, one)))
-    ok(run_cli(torchrun(2) + train_args(shakespeare_data, two)[1:]))
-    return {"one": one, "two": two}
+def reference(uninterrupted):
+    """Uninterrupted runs: one process, and two FSDP ranks with the same global batch
+    (conftest.py's, shared with test_resume_schedule.py: captures every 3 steps, which
+    leave the training as it is)."""
+    return uninterrupted
 
 
 def test_two_rank_fsdp_matches_one_process_and_learns(reference):
@@ -78,31 +77,52 @@ def test_kill9_then_resume_is_exact_and_torn_checkpoints_are_ignored(
     assert losses(run) == losses(reference["one"])  # exactly, one record per step
 
 
-@pytest.mark.parametrize("extra", [
-    ["--parallel.sharding=grad"],
-    ["--parallel.sharding=none"],
-    ["--parallel.sharding=hybrid", "--parallel.shard_size=2"],
-    ["--parallel.activation_checkpointing=true"],
-    ["--parallel.meta_init=true"],
+MODES = {
+    "grad": ["--parallel.sharding=grad"],
+    "none": ["--parallel.sharding=none"],
+    "hybrid": ["--parallel.sharding=hybrid", "--parallel.shard_size=2"],
+    "activation-checkpointing": ["--parallel.activation_checkpointing=true"],
+    "meta-init": ["--parallel.meta_init=true"],
     # (compile alone: test_launch.py, with capture and evaluation)
-    ["--parallel.compile=true", "--parallel.activation_checkpointing=true"],
-], ids=["grad", "none", "hybrid", "activation-checkpointing", "meta-init",
-        "compile-activation-checkpointing"])
-def test_sharding_modes_give_the_same_training(shakespeare_data, reference, tmp_path, extra):
-    run = tmp_path / "run"
-    ok(run_cli(torchrun(2) + train_args(shakespeare_data, run, *extra, steps=4)[1:]))
+    "compile-activation-checkpointing": ["--parallel.compile=true",
+                                         "--parallel.activation_checkpointing=true"],
+}
+# Meta-device init, bf16 mixed precision, validation, the text sample and HellaSwag, 8 steps.
+META_BF16_EVAL = ["--parallel.meta_init=true", "--train.dtype=bf16", "--eval.every=4",
+                  "--eval.val_batches=2", "--eval.sample_tokens=8", "--log.plot=true",
+                  "--eval.hellaswag_file=tests/assets/hellaswag_tiny.jsonl"]
+
+
+@ahead("fsdp_runs")
+def _fsdp_runs(data: Path, base: Path) -> dict:
+    args = {name: train_args(data, base / name, *extra, steps=4)
+            for name, extra in MODES.items()}
+    args["meta-bf16-eval"] = train_args(data, base / "meta-bf16-eval", *META_BF16_EVAL,
+                                        steps=8)
+    results = run_clis(*(torchrun(2) + a[1:] for a in args.values()))
+    return {name: (base / name, r) for name, r in zip(args, results)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(runs_ahead, shakespeare_data):
+    """The 2-rank runs of each parallel setting (4 steps) and of META_BF16_EVAL (8 steps),
+    two launches at a time, trained ahead (helpers.ahead); each test checks its own run's
+    exit status: name -> (run dir, the finished process)."""
+    return runs_ahead.take("fsdp_runs")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sharding_modes_give_the_same_training(fsdp_runs, reference, mode):
+    run, r = fsdp_runs[mode]
+    ok(r)
     assert losses(run) == pytest.approx(losses(reference["one"])[:4], rel=0, abs=2e-4)
 
 
-def test_meta_init_bf16_and_eval_run_under_fsdp(shakespeare_data, tmp_path):
+def test_meta_init_bf16_and_eval_run_under_fsdp(fsdp_runs):
     """Meta-device init allocates only shards; bf16 mixed precision trains; validation and
     the text sample run on both ranks (each forward is a collective) and reach the log."""
-    run = tmp_path / "run"
-    r = ok(run_cli(torchrun(2) + train_args(
-        shakespeare_data, run, "--parallel.meta_init=true", "--train.dtype=bf16",
-        "--eval.every=4", "--eval.val_batches=2", "--eval.sample_tokens=8", "--log.plot=true",
-        "--eval.hellaswag_file=tests/assets/hellaswag_tiny.jsonl",
-        steps=8)[1:]))
+    run, r = fsdp_runs["meta-bf16-eval"]
+    ok(r)
     m = read_metrics(run)
     assert sorted(m) == list(range(1, 9))
     assert m[8]["loss"] < m[1]["loss"] - 0.5

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import BPE
+from helpers import BPE, side_by_side
 from trainer.config import ModelConfig
 from trainer.generate import continuation_nll, generate_samples
 from trainer.model import GPT
@@ -86,6 +86,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=120)
 
 
+def _clis(*runs: list[str]) -> list[subprocess.CompletedProcess]:
+    """_cli for each argument list, side by side (independent CLI processes)."""
+    return side_by_side(lambda args: _cli(*args), *runs)
+
+
 def _imported_run(tmp_path, *args: str):
     """(a tiny GPT, a run dir holding it as a step-0 checkpoint through import_hf)."""
     pytest.importorskip("transformers")
@@ -102,15 +107,17 @@ def _imported_run(tmp_path, *args: str):
 @pytest.mark.usefixtures("shared")
 def test_cli_on_imported_run(tmp_path):
     _, run = _imported_run(tmp_path)
-    r = _cli("--run-dir", str(run), "--prompt", "ROMEO:", "--max-tokens", "12",
-             "--temperature", "0.8", "--top-k", "20", "--seed", "3", "--num-samples", "2",
-             "--tokenizer-file", str(BPE))
+    r, missing = _clis(
+        ["--run-dir", str(run), "--prompt", "ROMEO:", "--max-tokens", "12", "--temperature",
+         "0.8", "--top-k", "20", "--seed", "3", "--num-samples", "2", "--tokenizer-file",
+         str(BPE)],
+        ["--run-dir", str(tmp_path / "missing"), "--prompt", "x"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("ROMEO:") == 2
     ppl = [float(x) for x in re.findall(r"perplexity: ([0-9.eE+-]+|nan|inf)", r.stdout)]
     assert len(ppl) == 2 and all(math.isfinite(p) and p >= 1.0 for p in ppl), r.stdout
 
-    r = _cli("--run-dir", str(tmp_path / "missing"), "--prompt", "x")
+    r = missing
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
@@ -163,8 +170,12 @@ def test_cli_on_a_weight_snapshot(tmp_path):
     with pytest.raises(UserError, match="no complete checkpoint for step 5"):
         checkpoint.load_model(run, 5)
 
-    r = _cli("--run-dir", str(run), "--step", "5", "--prompt", "ROMEO:", "--max-tokens", "10",
-             "--top-k", "1", "--ids", "--device", "cpu")
+    # three CLI runs side by side: step 5 greedy, the latest step, a step with neither
+    r, latest, neither = _clis(
+        ["--run-dir", str(run), "--step", "5", "--prompt", "ROMEO:", "--max-tokens", "10",
+         "--top-k", "1", "--ids", "--device", "cpu"],
+        ["--run-dir", str(run), "--prompt", "x", "--max-tokens", "2", "--device", "cpu"],
+        ["--run-dir", str(run), "--step", "3", "--prompt", "x"])
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[0]
     assert first.startswith(f"run {run} step 5 (bf16 weight snapshot in ") and "greedy" in first
@@ -172,11 +183,11 @@ def test_cli_on_a_weight_snapshot(tmp_path):
     prompt = [33676, 4720, 25]  # "ROMEO:" in GPT-2's BPE
     assert ids[:3] == prompt and len(ids) == 13
     assert ids == want.generate(torch.tensor([prompt]), 10, top_k=1)[0].tolist()
-    r = _cli("--run-dir", str(run), "--prompt", "x", "--max-tokens", "2", "--device", "cpu")
+    r = latest
     assert r.returncode == 0 and "step 0 (checkpoint " in r.stdout, r.stderr  # the latest
 
     # a step with neither: one line naming both
-    r = _cli("--run-dir", str(run), "--step", "3", "--prompt", "x")
+    r = neither
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(
         f"error: no checkpoint or weight snapshot for step 3 in {run} (checkpoint steps: 0; "

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from helpers import run_cli
+from helpers import run_cli, run_clis
 from trainer.data import TokenWindows
 from trainer.synthetic import repeated_documents
 
@@ -56,9 +56,13 @@ def test_previous_token_documents_copy_the_token_two_back():
 
 
 def test_cli_writes_a_data_dir_the_trainer_reads(tmp_path):
-    out = tmp_path / "rep"
-    r = run_cli(["-m", "trainer.synthetic", "--out", str(out), "--vocab", "40", "--half", "8",
-                 "--tokens", "5000", "--val-tokens", "600"])
+    out, out2 = tmp_path / "rep", tmp_path / "prev"
+    # two data dirs side by side: repeated documents; and with previous-token documents
+    r, r2 = run_clis(["-m", "trainer.synthetic", "--out", str(out), "--vocab", "40", "--half",
+                      "8", "--tokens", "5000", "--val-tokens", "600"],
+                     ["-m", "trainer.synthetic", "--out", str(out2), "--vocab", "40", "--half",
+                      "8", "--min-half", "4", "--prev-frac", "0.5", "--tokens", "5000",
+                      "--val-tokens", "600", "--seed", "3"])
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["vocab_size"] == 40 and m["tokenizer"]["name"] == "none"
@@ -69,10 +73,7 @@ def test_cli_writes_a_data_dir_the_trainer_reads(tmp_path):
     train = np.fromfile(out / "train_000000.bin", np.uint16)
     assert not np.array_equal(val[:100], train[:100])  # val is other sequences
     # previous-token documents, in both splits, recorded in the manifest
-    out2 = tmp_path / "prev"
-    r = run_cli(["-m", "trainer.synthetic", "--out", str(out2), "--vocab", "40", "--half", "8",
-                 "--min-half", "4", "--prev-frac", "0.5", "--tokens", "5000",
-                 "--val-tokens", "600", "--seed", "3"])
+    r = r2
     assert r.returncode == 0, r.stderr
     src = json.loads((out2 / "manifest.json").read_text())["source"]
     assert (src["min_half"], src["prev_frac"]) == (4, 0.5)
@@ -85,10 +86,13 @@ def test_cli_writes_a_data_dir_the_trainer_reads(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    for args, words in ((["--vocab", "70000"], "--vocab"), (["--half", "0"], "--half"),
-                        (["--tokens", "3", "--half", "8"], "at least one document"),
-                        (["--half", "8", "--min-half", "9"], "--min-half"),
-                        (["--prev-frac", "1.0"], "--prev-frac")):
-        r = run_cli(["-m", "trainer.synthetic", "--out", str(tmp_path / "x"), *args])
+    cases = ((["--vocab", "70000"], "--vocab"), (["--half", "0"], "--half"),
+             (["--tokens", "3", "--half", "8"], "at least one document"),
+             (["--half", "8", "--min-half", "9"], "--min-half"),
+             (["--prev-frac", "1.0"], "--prev-frac"))
+    # side by side: each must be refused before it writes anything
+    results = run_clis(*(["-m", "trainer.synthetic", "--out", str(tmp_path / "x"), *args]
+                         for args, _ in cases))
+    for (_, words), r in zip(cases, results):
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
-        assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists()
