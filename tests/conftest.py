@@ -30,11 +30,20 @@ def shakespeare_data(shared, tmp_path_factory) -> Path:
     return out
 
 
+# Modules that mostly wait (test_slurm.py: SLURM's scheduler, a requeued job's ~40 s): they
+# run first, while the integration tests' trainings run ahead beside them (runs_ahead).
+RUN_FIRST = ["test_slurm.py"]
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The unit tests first, then the integration tests (each in their own order): the
-    integration tests' trainings start ahead, beside the unit tests, which leave a core of
-    two idle (runs_ahead)."""
-    items.sort(key=lambda item: "integration" in Path(item.nodeid.split("::")[0]).parts[:-1])
+    """RUN_FIRST's modules first, then the unit tests, then the other integration tests
+    (each in their own order): the integration tests' trainings run ahead, beside tests
+    that leave a core of two idle (runs_ahead)."""
+    def rank(item) -> int:
+        path = Path(item.nodeid.split("::")[0])
+        return 0 if path.name in RUN_FIRST else 2 if "integration" in path.parts[:-1] else 1
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session", autouse=True)
