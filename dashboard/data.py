@@ -304,8 +304,20 @@ def n_committed(url: str) -> int:
     return int(len(get_store(url).steps()))
 
 
-@st.cache_data(show_spinner=False, ttl=3, max_entries=32)
-def cached_summary(url: str) -> dict:
+def live_key(url: str) -> tuple:
+    """What changes as a run goes on: (status, committed captures, weight snapshots), or
+    ("absent",) while the store does not exist. The live pages poll it (state.watch); it
+    reads the store's root metadata and capture index only."""
+    try:
+        rs = get_store(url)
+        return rs.status, int(len(rs.steps())), len(rs.snapshot_steps())
+    except StoreError as e:
+        return ("absent", type(e).__name__)
+
+
+# `key` (live_key) is a cache key only: a run's summary is re-read when it changes.
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_summary(url: str, key: tuple = ()) -> dict:
     return run_summary(url)
 
 

@@ -34,8 +34,11 @@ def mlp_hook(layer: int) -> str:
 
 
 def link(page: str, **params) -> str:
-    """A URL (query string) opening `page` at these widget values (app.apply_link)."""
-    return "?" + urlencode({"page": page, **{k: v for k, v in params.items() if v is not None}})
+    """A URL (query string) opening `page` of this run at these widget values (the run
+    chosen in the sidebar, which app.main keeps in session state; dashboard/state.py)."""
+    run = st.session_state.get("_run_param") or {}
+    return "?" + urlencode({"page": page, **run,
+                            **{k: v for k, v in params.items() if v is not None}})
 
 
 # ----------------------------------------------------------------------------- data

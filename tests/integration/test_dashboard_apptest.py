@@ -140,7 +140,7 @@ def test_neurons_page(monkeypatch, tiny_run, rs):
     mlp = "blocks.1.mlp.hook_post"
     assert mlp in rs.act_hooks
     at.selectbox(key="hook").set_value(mlp).run()
-    at.number_input(key=f"neuron::{mlp}").set_value(5).run()
+    at.number_input(key="neuron").set_value(5).run()
     assert not at.exception
     t = titles(at)
     assert f"mean of the {rs.hooks[mlp]} neurons of {mlp} at step {steps[2]}" in t
@@ -280,7 +280,7 @@ def test_dynamics_page(monkeypatch, tiny_run, rs):
                                prev.reshape(len(steps), -1).T, rtol=1e-6)
     md = " ".join(m.value for m in at.markdown)
     top = int(np.argmax(prev[-1].reshape(-1)))
-    assert (f"(?page=attention&layer={top // H}&head={top % H}&step={int(steps[-1])})"
+    assert (f"(?page=attention&run=tiny&layer={top // H}&head={top % H}&step={int(steps[-1])})"
             in md)
     # a neuron's logit effects (full captures only): the table is the store's, decoded
     dla = at.select_slider(key="dyn_dla_step")
@@ -318,7 +318,7 @@ def test_links_open_attention_and_neurons_at_a_head_neuron_and_step(monkeypatch,
     at.run()
     assert not at.exception
     assert at.selectbox(key="hook").value == hook
-    assert at.number_input(key=f"neuron::{hook}").value == 9
+    assert at.number_input(key="neuron").value == 9
     assert at.select_slider(key="neuron_step").value == 6  # statistics: every capture
     # a link to something the store does not have is ignored, not an error
     at = AppTest.from_file(APP, default_timeout=60)
@@ -347,7 +347,7 @@ def test_dynamics_page_marks_the_phase_change(monkeypatch, tmp_path, full, link_
     ok = " ".join(str(x.value) for x in at.success)
     assert "Induction phase change at step **400**: layer 1 head 0" in ok
     assert "reached 0.70 (it was 0.05 at step 300)" in ok
-    assert f"(?page=attention&layer=1&head=0&step={link_step})" in ok
+    assert f"(?page=attention&run=phase&layer=1&head=0&step={link_step})" in ok
     assert link_step in rs.steps("full").tolist()
     assert ("the nearest full capture" in ok) == (link_step != 400)
     c = charts(at)

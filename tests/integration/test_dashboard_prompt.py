@@ -228,12 +228,12 @@ def test_links_open_the_prompt_page(monkeypatch, tiny_run):
     assert not at.error and at.select_slider(key="prompt_step").value == 6
     # the other pages link here
     at = app(monkeypatch, tiny_run, page="neurons", hook=HOOK, neuron="9", step="8")
-    assert f"(?page=prompt&hook={HOOK}&neuron=9&step=8)" in " ".join(
+    assert f"(?page=prompt&run=tiny&hook={HOOK}&neuron=9&step=8)" in " ".join(
         c.value for c in at.caption)
     at = app(monkeypatch, tiny_run, page="attention", layer="2", head="1", step="8")
-    assert "(?page=prompt&layer=2&head=1&step=8)" in " ".join(c.value for c in at.caption)
+    assert "(?page=prompt&run=tiny&layer=2&head=1&step=8)" in " ".join(c.value for c in at.caption)
     at = app(monkeypatch, tiny_run, page="dynamics")
-    assert "(?page=prompt&hook=blocks.0.mlp.hook_post&neuron=0&step=8)" in " ".join(
+    assert "(?page=prompt&run=tiny&hook=blocks.0.mlp.hook_post&neuron=0&step=8)" in " ".join(
         m.value for m in at.markdown)
 
 

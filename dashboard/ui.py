@@ -1,0 +1,73 @@
+"""Pieces every page uses: chart layout, the step slider, a few sentences and colours."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+EMPTY = ("No captures are committed in this store yet: the run is still starting. "
+         "This page shows them as soon as the first capture is written.")
+
+
+def no_full(rs, what: str) -> str:
+    """The sentence for a page part that needs a full capture when the store has none."""
+    n = len(rs.steps())
+    return (f"No full capture is committed yet: {what} are kept at full captures only "
+            f"(capture.full_every); this store has {n} summary capture{'' if n == 1 else 's'} "
+            f"so far. This shows them as soon as the first full capture is written.")
+
+
+def fig_layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
+    # top margin 60: the title sits below plotly's toolbar (modebar), not under it
+    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), height=height,
+                      margin=dict(l=40, r=10, t=60, b=30),
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def step_slider(steps: np.ndarray, key: str, what: str = "captured") -> int:
+    """A slider over `steps` (all captured steps, or only the full ones: `what` = "full"
+    names them). The value lives in session state under `key` (and so in the URL, through
+    dashboard.state). While the run trains, a slider left at the latest step follows the new
+    ones. The "rolled back" warning appears only when a step this session saw in this run's
+    store has gone from it (a resume rolled it back); a step from a link or another run that
+    does not fit falls back to the latest without a word."""
+    opts = [int(s) for s in steps]
+    ss = st.session_state
+    seen_key = f"_seen::{key}"
+    seen = ss.get(seen_key) or []
+    noun = "full capture" if what == "full" else "captured step"
+    cur = ss.get(key)
+    if cur is not None and cur not in opts and cur in seen and seen and opts \
+            and cur <= seen[-1]:
+        st.warning(f"Step {cur} is no longer captured (a resumed run rolled it back); "
+                   f"showing step {opts[-1]}, the latest {noun}.")
+    if cur not in opts or (seen and cur == seen[-1] and opts and opts[-1] != cur):
+        cur = ss[key] = opts[-1] if opts else None  # first time, missing, or following latest
+    ss[seen_key] = opts
+    if len(opts) == 1:
+        st.caption(f"Step {opts[0]} (the only {noun})")
+        return opts[0]
+    label = "Step (full captures)" if what == "full" else "Step (captured steps)"
+    return int(st.select_slider(label, options=opts, key=key))
+
+
+def steps_text(steps, most: int = 200) -> str:
+    steps = [int(s) for s in steps]
+    return ", ".join(map(str, steps[:most])) + (" ..." if len(steps) > most else "")
+
+
+def color(a: float, scale: float) -> str:
+    """A token's background: orange for positive activations, blue for negative."""
+    if not np.isfinite(a) or scale <= 0:
+        return "transparent"
+    x = float(np.clip(a / scale, -1, 1))
+    return f"rgba(255,120,0,{x:.2f})" if x >= 0 else f"rgba(30,110,255,{-x:.2f})"
+
+
+def keep_valid(key: str, options) -> None:
+    """Drop a widget's session value (from the URL or another run) that is not among its
+    options, so the widget opens at its default instead of failing."""
+    if key in st.session_state and st.session_state[key] not in list(options):
+        del st.session_state[key]
