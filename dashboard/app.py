@@ -89,46 +89,18 @@ PAGE_FUNCS = {"Training": training.page,
 
 
 def apply_link(page: str, rs, take) -> None:
-    """A new session's URL (a link, a shared view) sets the page's widgets; values the run's
-    store does not have are ignored, so those widgets open at the run's defaults."""
-    ss = st.session_state
-    steps = {int(s) for s in rs.steps()}
-    if page == "Attention":
-        full = {int(s) for s in rs.steps("full")}
-        for name, key, ok in (("layer", "attn_layer", lambda v: v in rs.attn_layers),
-                              ("head", "attn_head", lambda v: 0 <= v < rs.n_heads),
-                              ("seq", "attn_seq", lambda v: 0 <= v < rs.attn_seqs),
-                              ("step", "attn_step", lambda v: v in steps)):
-            v = take(name, ok)
-            if v is not None and name == "step" and v not in full:
-                # a summary capture has no attention: its nearest full capture instead
-                near = D.nearest_full(rs, v)
-                if near is not None:
-                    ss["attn_note"] = (f"Step {v} is a summary capture (no attention "
-                                       f"patterns): showing step {near}, the nearest full "
-                                       f"capture.")
-                v = near
-            if v is not None:
-                ss[key] = v
-    elif page == "Neurons":
-        hook = take("hook", lambda v: v in rs.hooks)
-        if hook is not None:
-            ss["hook"] = hook
-        hook = ss.get("hook", next(iter(rs.hooks), None))
-        for name, key, ok in (
-                ("neuron", "neuron", lambda v: hook is not None and 0 <= v < rs.hooks[hook]),
-                ("step", "neuron_step", lambda v: v in steps),
-                ("stat", "stat", lambda v: True)):
-            v = take(name, ok)
-            if v is not None:
-                ss[key] = v
-    elif page == "Prompt":
-        PR.apply_link(rs, take)
-    else:
-        for name, (key, _) in state.VIEW.get(page, {}).items():
-            v = take(name, lambda v: True)
-            if v is not None:
-                ss[key] = v
+    """A new session's URL (a link, a shared view) sets the page's widgets, through the
+    page module's own apply_link(rs, take); values the run's store does not have are
+    ignored, so those widgets open at the run's defaults."""
+    own = {"Neurons": neurons.apply_link, "Attention": attention.apply_link,
+           "Prompt": PR.apply_link}.get(page)
+    if own is not None:
+        own(rs, take)
+        return
+    for name, (key, _) in state.VIEW.get(page, {}).items():
+        v = take(name, lambda v: True)
+        if v is not None:
+            st.session_state[key] = v
 
 
 def open_store(url: str):

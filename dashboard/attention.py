@@ -63,3 +63,26 @@ def page(url: str, rs) -> None:
     sm.update_xaxes(showticklabels=False)
     ui.fig_layout(sm, f"All {H} heads of layer {layer} at step {step}", 240 * rows + 60)
     st.plotly_chart(sm, key="attn_heads_chart")
+
+
+def apply_link(rs, take) -> None:
+    """app.apply_link for this page: layer, head, sequence and step from the URL. A step
+    that is a summary capture opens the nearest full capture, and says so."""
+    ss = st.session_state
+    steps = {int(s) for s in rs.steps()}
+    full = {int(s) for s in rs.steps("full")}
+    for name, key, ok in (("layer", "attn_layer", lambda v: v in rs.attn_layers),
+                          ("head", "attn_head", lambda v: 0 <= v < rs.n_heads),
+                          ("seq", "attn_seq", lambda v: 0 <= v < rs.attn_seqs),
+                          ("step", "attn_step", lambda v: v in steps)):
+        v = take(name, ok)
+        if v is not None and name == "step" and v not in full:
+            # a summary capture has no attention: its nearest full capture instead
+            near = D.nearest_full(rs, v)
+            if near is not None:
+                ss["attn_note"] = (f"Step {v} is a summary capture (no attention "
+                                   f"patterns): showing step {near}, the nearest full "
+                                   f"capture.")
+            v = near
+        if v is not None:
+            ss[key] = v

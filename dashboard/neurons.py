@@ -115,3 +115,20 @@ def page(url: str, rs) -> None:
     t.add_vline(x=step, line_dash="dot")
     ui.fig_layout(t, f"Top activation of neuron {neuron} across steps", 260)
     st.plotly_chart(t, key="top_history")
+
+
+def apply_link(rs, take) -> None:
+    """app.apply_link for this page: hook, neuron, step and statistic from the URL."""
+    ss = st.session_state
+    steps = {int(s) for s in rs.steps()}
+    hook = take("hook", lambda v: v in rs.hooks)
+    if hook is not None:
+        ss["hook"] = hook
+    hook = ss.get("hook", next(iter(rs.hooks), None))
+    for name, key, ok in (
+            ("neuron", "neuron", lambda v: hook is not None and 0 <= v < rs.hooks[hook]),
+            ("step", "neuron_step", lambda v: v in steps),
+            ("stat", "stat", lambda v: v in STATS)):
+        v = take(name, ok)
+        if v is not None:
+            ss[key] = v

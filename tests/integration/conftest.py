@@ -40,6 +40,30 @@ def tiny_run(dash_runs) -> Path:
     return dash_runs["tiny"]
 
 
+@ahead("run_pair")
+def _run_pair(data: Path, base: Path) -> dict:
+    root = base / "root"
+    runs = {"a": root / "a", "b": root / "b"}
+    # b differs from a in two config keys (seed and lr); both write text samples
+    args = {"a": [*TINY_ARGS, "--eval.sample_tokens=8"],
+            "b": [*TINY_ARGS, "--eval.sample_tokens=8", "--train.seed=7", "--optim.lr=3e-3"]}
+    results = run_clis(*(["-m", "trainer", "--data", str(data), "--run-dir", str(runs[k]),
+                          *args[k]] for k in runs))
+    return {k: (runs[k], r) for k, r in zip(runs, results)}
+
+
+@pytest.fixture(scope="session")
+def run_pair(runs_ahead, shakespeare_data) -> dict[str, Path]:
+    """Two real tiny runs under one runs root (the root's path is run_pair["a"].parent),
+    trained side by side: "a" (TINY_ARGS, with text samples at each evaluation) and "b", the
+    same but for train.seed = 7 and optim.lr = 3e-3. For the dashboard's run picker, links
+    that carry the run, and runs compared."""
+    runs = runs_ahead.take("run_pair")
+    for k, (_, r) in runs.items():
+        assert r.returncode == 0, f"{k}: {r.stderr[-3000:]}"
+    return {k: run for k, (run, _) in runs.items()}
+
+
 @ahead("uninterrupted")
 def _uninterrupted(data: Path, base: Path) -> dict:
     one, two = base / "one", base / "two"
