@@ -20,7 +20,7 @@ def test_every_script_is_installed_and_answers_help():
         out, err = p.communicate(timeout=120)
         module = SCRIPTS[name].split(":")[0]
         assert p.returncode == 0, (name, err[-2000:])
-        prog = module.removesuffix(".train").removesuffix(".cli")
+        prog = module.removesuffix(".launch").removesuffix(".cli")
         assert out.startswith("usage: python -m " + prog), (name, out[:200])
 
 
