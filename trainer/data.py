@@ -31,8 +31,7 @@ import numpy as np
 import torch
 
 from store.errors import UserError
-
-FORMAT_VERSION = 1
+from trainer.prepare import FORMAT_VERSION  # the shards' format, written by prepare
 
 
 def load_manifest(data_dir: str | Path) -> dict:

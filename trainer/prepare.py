@@ -50,7 +50,7 @@ from trainer.cli import check_output_dir
 from store.errors import ArgumentParser, UserError, run_cli
 from trainer.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the shards and manifest.json (trainer.data checks it)
 BATCH_DOCS = 256  # documents per task sent to a worker: big enough to amortize pickling
 # Local file kinds -> (datasets builder, its config). Paragraphs: a .txt has many documents.
 _BUILDERS = {".txt": ("text", {"sample_by": "paragraph"}), ".jsonl": ("json", {}),

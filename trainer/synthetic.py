@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from store.errors import ArgumentParser, UserError, run_cli
-from trainer.data import FORMAT_VERSION
+from trainer.prepare import FORMAT_VERSION  # not trainer.data: that imports torch
 
 
 PREV_COPY = 0.5  # in previous-token documents, the chance a token copies the one two back
