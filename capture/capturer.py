@@ -75,7 +75,7 @@ class Capturer:
         self.layout = layout
         self.fwd = CaptureForward(spec, layout.topk, layout.attn_seqs, layout.attn_len,
                                   c.lens_tokens, c.batch_tokens, c.token_loss, info.rank,
-                                  info.world)
+                                  info.world, layout.repeat_attn_seqs, layout.repeat_attn_len)
         if info.is_main:
             self.store = StoreWriter.create_or_open(url, layout)
             # Captures, snapshots and metrics after the step this run starts from are
@@ -144,7 +144,7 @@ class Capturer:
             heads, lens = reduce_dynamics(res, lay.n_seqs, info)  # collective
             if self.repeated is not None:
                 rep = res.repeated or self.fwd.run_repeated(
-                    model, self.repeated.to(info.device))
+                    model, self.repeated.to(info.device), res)
                 for name in ("duplicate", "induction"):
                     heads[name] = torch.stack([rep[i][name] for i in range(spec.n_layers)])
             heads = {k: v.float().cpu().contiguous().numpy() for k, v in heads.items()}
@@ -168,6 +168,7 @@ class Capturer:
         tiers = SUMMARY | (FULL if full else 0)
         acts = res.acts if full else {}
         attn = res.attn if full else {}
+        rep_attn, rep_mine = (res.rep_attn if full else {}), self.fwd.rep_mine
 
         def write() -> None:
             store.write_tokens(slot, start, tok)
@@ -177,6 +178,9 @@ class Capturer:
                 for j in range(p.shape[0]):
                     if start + j < attn_seqs:
                         store.write_attn(layer, slot, start + j, p[j].numpy())
+            for layer, p in rep_attn.items():  # this rank's repeated sequences
+                for j, r in enumerate(rep_mine):
+                    store.write_repeated_attn(layer, slot, r, p[j].numpy())
             if is_main:
                 for name, (st, tv, ti) in stats.items():
                     store.write_stats(name, slot, st)

@@ -4,7 +4,8 @@ the model that reduce what they see as it passes:
 
 - per-neuron sums, extremes and top-k of every statistics hook (float64 sums);
 - at full captures, the activations of the kept hooks (float16, to host memory) and the
-  first attn_len x attn_len of the stored sequences' attention patterns;
+  first attn_len x attn_len of the stored sequences' attention patterns, and this rank's
+  share of the repeated-token probe's patterns (store.schema.repeated_positions);
 - the attention entropy and previous-token score of every head;
 - the logit lens on `lens_tokens` evenly spaced tokens, and the per-token loss of the
   final layer on every token (the unembedding in chunks of rows, never whole).
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from capture import dynamics
 from capture.collectives import DistLike, all_gather_cat, all_reduce_sum, full_tensor, reshard
 from capture.spec import CaptureSpec
+from store.schema import repeated_positions
 
 LOSS_CHUNK = 64  # rows of logits at a time: 64 x 50257 fp32 = 13 MB, near the cache
 
@@ -67,6 +69,8 @@ class ForwardResult:
     lens: torch.Tensor | None = None         # [L, 2] sums of loss, count
     token_loss: torch.Tensor | None = None   # [n, T] (NaN at position 0)
     repeated: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer ->
+    # [len(rep_mine), H, Na, Na] float16: this rank's repeated sequences' kept patterns
+    rep_attn: dict[int, torch.Tensor] = field(default_factory=dict)
     dla: dict[int, tuple] = field(default_factory=dict)  # this rank's layers' logit effects
 
 
@@ -86,11 +90,16 @@ class CaptureForward:
 
     def __init__(self, spec: CaptureSpec, k: int, attn_seqs: int, attn_len: int,
                  lens_tokens: int, batch_tokens: int, token_loss: bool, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, rep_attn_seqs: int = 0, rep_attn_len: int = 0):
         self.spec, self.k, self.attn_seqs, self.attn_len = spec, k, attn_seqs, attn_len
         self.lens_tokens, self.batch_tokens, self.want_loss = lens_tokens, batch_tokens, \
             token_loss
         self.rank, self.world = rank, world
+        # Every rank runs the whole repeated probe; each keeps the patterns of the sequences
+        # r = rank, rank + world, ... (< rep_attn_seqs) and writes those: one writer a chunk.
+        self.rep_mine = list(range(rank, rep_attn_seqs, world))
+        self.rep_pos = repeated_positions(2 * spec.repeat_half, rep_attn_len) \
+            if self.rep_mine else None
 
     @torch.no_grad()
     def run(self, model, tokens: torch.Tensor, seq_start: int, full: bool,
@@ -115,6 +124,9 @@ class CaptureForward:
             if a_here:
                 out.attn = {lay: _host((a_here, H, Ta, Ta), torch.float16, dev)
                             for lay in keep_attn}
+        if full and keep_attn and self.rep_mine and repeated is not None:
+            shape = (len(self.rep_mine), H, len(self.rep_pos), len(self.rep_pos))
+            out.rep_attn = {lay: _host(shape, torch.float16, dev) for lay in keep_attn}
         lens_rows = _lens_rows(n, T, self.lens_tokens, dev)
         b = max(1, self.batch_tokens // T)
         for off in range(0, n, b):
@@ -187,6 +199,7 @@ class CaptureForward:
                     out.natural[layer, 1] += s["prev_token"].double() * b
                 if with_repeated:
                     out.repeated[layer] = dynamics.head_scores(None, p[b:], spec.repeat_half)
+                    self._keep_repeated(out, layer, p[b:])
                 keep = max(0, min(b, a_here - off))
                 if keep and layer in out.attn:
                     Ta = self.attn_len
@@ -223,15 +236,28 @@ class CaptureForward:
 
         return hooks
 
+    def _keep_repeated(self, out: ForwardResult, layer: int, p: torch.Tensor) -> None:
+        """This rank's repeated sequences' pattern [R, H, N, N] -> out.rep_attn[layer], at
+        the kept positions (full captures of stored layers only)."""
+        dst = out.rep_attn.get(layer)
+        if dst is not None:
+            mine = torch.tensor(self.rep_mine, device=p.device)
+            pos = torch.from_numpy(self.rep_pos).to(p.device)
+            _copy(dst, p.index_select(0, mine).index_select(2, pos).index_select(3, pos))
+
     @torch.no_grad()
-    def run_repeated(self, model, repeated: torch.Tensor) -> dict[int, dict]:
+    def run_repeated(self, model, repeated: torch.Tensor, res: ForwardResult | None = None
+                     ) -> dict[int, dict]:
         """Duplicate-token and induction scores of every layer on the repeated probe, in a
-        forward of its own (the same R sequences on every rank: no reduction needed)."""
+        forward of its own (the same R sequences on every rank: no reduction needed); the
+        patterns `res.rep_attn` asks for are kept into it."""
         out: dict[int, dict] = {}
 
         def pattern(i: int):
             def hook(p, hook):
                 out[i] = dynamics.head_scores(None, p, self.spec.repeat_half)
+                if res is not None:
+                    self._keep_repeated(res, i, p)
             return hook
         with model.hooks(fwd_hooks=[(f"blocks.{i}.attn.hook_pattern", pattern(i))
                                     for i in range(self.spec.n_layers)]):

@@ -97,14 +97,21 @@ def build_layout(spec: CaptureSpec, c: CaptureConfig, world: int, max_steps: int
     """The store layout of this capture (probe tokens may be stand-ins for a plan)."""
     P = spec.n_seqs
     attn_seqs = min(c.attn_seqs, P) if spec.attn_layers else 0
+    attn_seqs = attn_seqs if c.full_every else 0
+    attn_len = min(c.attn_len or spec.seq_len, spec.seq_len)
+    # The repeated probe's patterns go with the natural ones: as many sequences (of R) and
+    # as many positions (of N): the attention a full capture keeps at most doubles.
+    rep_seqs = rep_len = 0
+    if spec.repeat_half and repeated_tokens is not None and attn_seqs:
+        rep_seqs = min(attn_seqs, len(repeated_tokens))
+        rep_len = min(attn_len, 2 * spec.repeat_half)
     return Layout(
         n_seqs=P, seq_len=spec.seq_len, act_hooks=spec.act_hooks, stat_hooks=spec.stat_hooks,
         topk=min(c.topk, P * spec.seq_len), attn_layers=spec.attn_layers,
-        n_heads=spec.n_heads, attn_seqs=attn_seqs if c.full_every else 0,
-        attn_len=min(c.attn_len or spec.seq_len, spec.seq_len), max_steps=max_steps,
+        n_heads=spec.n_heads, attn_seqs=attn_seqs, attn_len=attn_len, max_steps=max_steps,
         world=world, source=c.source, attrs=attrs, probe_tokens=probe_tokens,
         token_loss=c.token_loss, n_layers=spec.n_layers if spec.dynamics else 0,
         head_scores=spec.head_scores, logit_lens=spec.dynamics,
         repeated_tokens=repeated_tokens if spec.repeat_half else None,
         dla_layers=spec.dla_layers, d_mlp=spec.d_mlp if spec.dla_layers else 0,
-        dla_k=spec.dla_k)
+        dla_k=spec.dla_k, repeat_attn_seqs=rep_seqs, repeat_attn_len=rep_len)

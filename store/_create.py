@@ -82,6 +82,12 @@ def _diffs(old: Layout, new: Layout) -> list[str]:
         if getattr(old, name) != getattr(new, name):
             diffs.append(f"{name} {getattr(old, name)} -> {getattr(new, name)} (set "
                          f"capture.dynamics / capture.dla_topk as the run had them)")
+    # A store without the repeated probe's attention (written before it was kept) takes it
+    # from here on (reconcile adds the arrays); one with it keeps its shape.
+    rep = ("repeat_attn_seqs", "repeat_attn_len")
+    if old.repeat_attn_seqs and [getattr(old, k) for k in rep] != [getattr(new, k) for k in rep]:
+        diffs.append(f"repeated-probe attention {old.repeat_attn_seqs} x "
+                     f"{old.repeat_attn_len} -> {new.repeat_attn_seqs} x {new.repeat_attn_len}")
     if (old.head_scores or old.logit_lens) and old.n_layers != new.n_layers:
         diffs.append(f"n_layers {old.n_layers} -> {new.n_layers}")
     return diffs
@@ -128,7 +134,8 @@ def reconcile(store: Store, url: str, attrs: dict, new: Layout) -> dict:
         probe_tokens=new.probe_tokens if old.source == "probe" else None, metrics=metrics,
         token_loss=old.token_loss, n_layers=new.n_layers, head_scores=old.head_scores,
         logit_lens=old.logit_lens, repeated_tokens=new.repeated_tokens,
-        dla_layers=old.dla_layers, d_mlp=new.d_mlp, dla_k=old.dla_k)
+        dla_layers=old.dla_layers, d_mlp=new.d_mlp, dla_k=old.dla_k,
+        repeat_attn_seqs=new.repeat_attn_seqs, repeat_attn_len=new.repeat_attn_len)
     C = capacity(store)
     for spec in merged.array_specs(C):
         try:

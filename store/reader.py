@@ -21,7 +21,7 @@ from ._io import getsize_prefix
 from .dynamics import (ALIVE_ABOVE, DEAD_BELOW, NeuronEvents, PhaseChange, neuron_events,
                        phase_change)
 from .errors import CorruptStore, StoreError
-from .schema import AXES, STATS, TIERS, Layout
+from .schema import AXES, STATS, TIERS, Layout, repeated_positions
 from .snapshots import read_snapshot_file, snapshot_steps
 
 _RETRIES = 3  # a chunk replaced under a reader on a store without atomic writes: read again
@@ -57,6 +57,8 @@ class RunStore:
         self.head_score_names: list[str] = list(L.head_scores)
         self.n_layers, self.has_lens = L.n_layers, L.logit_lens
         self.dla_layers, self.d_mlp, self.dla_k = list(L.dla_layers), L.d_mlp, L.dla_k
+        # the repeated-token probe's attention (0: not in this store, e.g. written before it)
+        self.repeat_attn_seqs, self.repeat_attn_len = L.repeat_attn_seqs, L.repeat_attn_len
 
     def __repr__(self) -> str:
         return f"RunStore({self.url!r})"
@@ -345,7 +347,8 @@ class RunStore:
 
     def repeated_tokens(self) -> np.ndarray | None:
         """The repeated-token probe [R, N] behind the duplicate and induction scores."""
-        if not any(x in ("duplicate", "induction") for x in self.head_score_names):
+        if not any(x in ("duplicate", "induction") for x in self.head_score_names) \
+                and not self.repeat_attn_seqs:
             return None
         return self._read("probe/repeated", (slice(None), slice(None)))
 
@@ -386,6 +389,23 @@ class RunStore:
             return self._read(f"attn/{int(layer)}", (s, seq))
         return self._read(f"attn/{int(layer)}",
                           (s, seq, self._check_seq(head, self.n_heads, "head")))
+
+    def repeated_attention(self, layer: int, step: int, rseq: int) -> np.ndarray:
+        """float16 [H, Na, Na]: the pattern of repeated-token sequence `rseq` (< Ar) at a
+        full capture, its rows and columns at `repeated_positions()`. NaN at a full capture
+        taken before a resume began keeping it."""
+        if not self.repeat_attn_seqs or int(layer) not in self.attn_layers:
+            raise StoreError(f"the repeated-token probe's attention of layer {layer} is not "
+                             f"in this store")
+        rseq = self._check_seq(rseq, self.repeat_attn_seqs, "repeated sequence")
+        return self._read(f"attn_repeated/{int(layer)}", (self.slot(step, "full"), rseq))
+
+    def repeated_positions(self) -> np.ndarray:
+        """The positions of the repeated-token sequences that `repeated_attention` keeps
+        (none when the store keeps no such pattern)."""
+        if not self.repeat_attn_seqs:
+            return np.zeros(0, np.int64)
+        return repeated_positions(self._array("probe/repeated").shape[1], self.repeat_attn_len)
 
     def metrics(self, split: str = "train") -> dict[str, np.ndarray]:
         """{"step": the steps written so far, name: values}; rows no metric has are dropped."""

@@ -59,7 +59,23 @@ AXES = {
     "layer": "transformer block",
     "rseq": "sequence of the repeated-token probe",
     "rpos": "token position in a repeated-token sequence (second half = first half)",
+    "rqpos": "query position among the repeated probe's kept ones (repeated_positions)",
+    "rkpos": "key position among the repeated probe's kept ones (rkpos <= rqpos: causal)",
 }
+
+
+def repeated_positions(n_tokens: int, kept: int) -> np.ndarray:
+    """Which positions of an N-token repeated sequence (N = n_tokens = 2n) its stored
+    attention keeps, ascending: all N when kept >= N; else the first kept - (kept - 1) // 2
+    of the first half and the first (kept - 1) // 2 of the second. A cut to the first
+    positions alone would keep no second half, where the duplicate and induction stripes
+    are; this cut keeps, for every kept second-half query n + i, both its earlier
+    occurrence i and the token after it, i + 1 (the induction stripe)."""
+    N, kept = int(n_tokens), int(kept)
+    if kept >= N:
+        return np.arange(N)
+    second = (kept - 1) // 2
+    return np.concatenate([np.arange(kept - second), N // 2 + np.arange(second)])
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,11 @@ class Layout:
     dla_layers: list[int] = field(default_factory=list)  # MLP layers with logit effects
     d_mlp: int = 0                      # M
     dla_k: int = 0                      # K: promoted and suppressed tokens kept per neuron
+    # full tier: the attention patterns of the first Ar repeated-token sequences (the
+    # induction score's probe), at the Na positions repeated_positions(N, Na) keeps; 0: none
+    # (and so in stores written before they were kept)
+    repeat_attn_seqs: int = 0           # Ar
+    repeat_attn_len: int = 0            # Na
 
     def __post_init__(self) -> None:
         self.act_hooks = {str(k): int(v) for k, v in self.act_hooks.items()}
@@ -139,7 +160,7 @@ class Layout:
         self.metrics = {str(k): [str(n) for n in v] for k, v in self.metrics.items()}
         self.head_scores = [str(x) for x in self.head_scores]
         self.dla_layers = [int(x) for x in self.dla_layers]
-        for name in ("n_layers", "d_mlp", "dla_k"):
+        for name in ("n_layers", "d_mlp", "dla_k", "repeat_attn_seqs", "repeat_attn_len"):
             setattr(self, name, int(getattr(self, name)))
         self.logit_lens = bool(self.logit_lens)
         self.token_loss = bool(self.token_loss)
@@ -219,6 +240,15 @@ class Layout:
                     not np.issubdtype(r.dtype, np.integer):
                 raise StoreError(f"repeated_tokens must be integers [R, N] with N even, got "
                                  f"{r.dtype} {r.shape}")
+        if self.repeat_attn_seqs:
+            r = np.asarray(self.repeated_tokens) if self.repeated_tokens is not None else None
+            if r is None or not self.stored_attn_layers or not \
+                    1 <= self.repeat_attn_seqs <= r.shape[0] or not 2 <= self.repeat_attn_len \
+                    <= r.shape[1]:
+                raise StoreError(f"repeat_attn_seqs {self.repeat_attn_seqs} and "
+                                 f"repeat_attn_len {self.repeat_attn_len} need stored attention "
+                                 f"layers and a repeated-token probe [R, N] with R >= "
+                                 f"repeat_attn_seqs and N >= repeat_attn_len >= 2")
         if self.dla_layers:
             if len(set(self.dla_layers)) != len(self.dla_layers) or min(self.dla_layers) < 0:
                 raise StoreError(f"dla_layers must be distinct non-negative layer numbers, "
@@ -258,12 +288,15 @@ class Layout:
         if stand_in:  # validation wants them; they are in probe/tokens, read when asked
             probe_tokens = np.zeros((int(d["n_seqs"]), int(d["seq_len"])), np.int32)
         opt = {k: d[k] for k in ("stat_hooks", "attn_len", "token_loss", "n_layers",
-                                 "head_scores", "logit_lens", "dla_layers", "d_mlp", "dla_k")
+                                 "head_scores", "logit_lens", "dla_layers", "d_mlp", "dla_k",
+                                 "repeat_attn_seqs", "repeat_attn_len")
                if k in d}
-        rep_stand_in = any(x in REPEAT_SCORES for x in opt.get("head_scores", ())) \
-            and repeated_tokens is None
+        rep_stand_in = (any(x in REPEAT_SCORES for x in opt.get("head_scores", ()))
+                        or opt.get("repeat_attn_seqs")) and repeated_tokens is None
         if rep_stand_in:  # likewise: they are in probe/repeated
-            repeated_tokens = np.zeros((1, 2), np.int32)
+            na = int(opt.get("repeat_attn_len", 0))
+            repeated_tokens = np.zeros((max(1, int(opt.get("repeat_attn_seqs", 0))),
+                                        max(2, na + na % 2)), np.int32)
         lay = cls(**known, attrs=dict(attrs or {}), probe_tokens=probe_tokens, metrics=metrics,
                   repeated_tokens=repeated_tokens, **opt)
         if stand_in:
@@ -318,6 +351,13 @@ class Layout:
                 True, ("capture", "seq", "head", "qpos", "kpos"), "the rank holding that sequence",
                 f"attention pattern of layer {layer} for the first {A} sequences, the first "
                 f"{Ta} query and key positions", tier="full")
+        Ar, Na = self.repeat_attn_seqs, self.repeat_attn_len
+        for layer in self.stored_attn_layers if Ar else []:
+            add(f"attn_repeated/{layer}", (C, Ar, H, Na, Na), "float16", (1, 1, H, Na, Na),
+                math.nan, True, ("capture", "rseq", "head", "rqpos", "rkpos"),
+                "rank rseq % W", f"attention pattern of layer {layer} on the first {Ar} "
+                f"repeated-token sequences, at the {Na} positions repeated_positions keeps",
+                tier="full")
         if self.token_loss:
             add("loss/token", (C, P, T), "float32", (1, P, T), math.nan, True,
                 ("capture", "seq", "pos"), "rank 0 (gathered from all ranks)",

@@ -23,7 +23,7 @@ from ._common import (array_meta, as_array, layout_of, local_path, now_iso, open
 from ._create import capacity, check_layout, create, done_slot, grow, list_keys, reconcile
 from ._io import delete
 from .errors import StoreError, StoreNotFound
-from .schema import FULL, STATS, STATUSES, SUMMARY, Layout
+from .schema import FULL, STATS, STATUSES, SUMMARY, Layout, repeated_positions
 from .snapshots import delete_snapshot_marker, snapshot_steps, write_snapshot
 
 # Threads writing the chunks of one call (benchmarks/store_write.py: on 2 cores, 2 and 4
@@ -262,6 +262,25 @@ class StoreWriter:
         if self._array(path).chunks[1] != 1 or not self._put_chunks(
                 path, [((slot, seq, 0, 0, 0), p[None, None])]):
             self._array(path)[slot, seq] = p
+
+    def write_repeated_attn(self, layer: int, slot: int, rseq: int, pattern: np.ndarray
+                            ) -> None:
+        """pattern [H, Na, Na] float16 of repeated-token sequence `rseq` (< Ar): its rows and
+        columns at repeated_positions(N, Na); a whole [H, N, N] pattern is cut so here.
+        Written by rank rseq % W (every rank runs the whole repeated probe)."""
+        L = self.layout
+        if not L.repeat_attn_seqs or int(layer) not in L.stored_attn_layers:
+            raise StoreError(f"no repeated-probe attention of layer {layer} in this store")
+        slot, rseq = self._slot(slot), self._seqs(rseq, 1, L.repeat_attn_seqs)
+        Na, N, p = L.repeat_attn_len, self._array("probe/repeated").shape[1], \
+            np.asarray(pattern)
+        if Na < N and p.shape == (L.n_heads, N, N):
+            keep = repeated_positions(N, Na)
+            p = p[:, keep][:, :, keep]
+        p = as_array(p, "float16", (L.n_heads, Na, Na), f"write_repeated_attn layer {layer}")
+        path = f"attn_repeated/{int(layer)}"
+        if not self._put_chunks(path, [((slot, rseq, 0, 0, 0), p[None, None])]):
+            self._array(path)[slot, rseq] = p
 
     def mark_done(self, slot: int, rank: int) -> None:
         """This rank's part of `slot` is written (call after its writes returned)."""

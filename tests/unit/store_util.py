@@ -283,11 +283,12 @@ def expected_arrays(lay, C: int = SLOT_BLOCK) -> dict[str, dict]:
     R, N = (0, 0) if lay.repeated_tokens is None else np.asarray(lay.repeated_tokens).shape
     sym = dict(C=C, P=lay.n_seqs, T=lay.seq_len, W=lay.world, k=lay.topk, A=lay.attn_seqs,
                H=lay.n_heads, Ta=lay.attn_len, S=lay.max_steps, L=lay.n_layers, R=R, N=N,
-               M=lay.d_mlp, K=lay.dla_k, min=min)
+               M=lay.d_mlp, K=lay.dla_k, Ar=lay.repeat_attn_seqs, Na=lay.repeat_attn_len,
+               min=min)
     optional = {"probe/tokens": lay.source == "probe",
                 "probe/repeated": lay.repeated_tokens is not None,
                 "lens/loss": lay.logit_lens, "loss/token": lay.token_loss,
-                "loss/icl": lay.token_loss}
+                "loss/icl": lay.token_loss, "attn_repeated/<layer>": lay.repeat_attn_seqs > 0}
     out = {}
     for row in doc_table():
         if not optional.get(row["path"], True):
