@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
@@ -45,9 +46,18 @@ def pick_page() -> str:
     return st.sidebar.radio("Page", PAGES, key="page")
 
 
-def pick_run(args: D.Args) -> tuple[str, dict[str, str]] | None:
-    """The sidebar's run picker: (the chosen store URL, its URL parameter: {"run": folder
-    name} or {"store": typed URL}), or None (with a message)."""
+class Picked(NamedTuple):
+    """The sidebar's choice: the store's URL, its URL parameter ({"run": folder name} or
+    {"store": typed URL}), and the URLs of the other listed runs still live (not finished,
+    stopped or failed: their sidebar captions follow them too)."""
+    url: str
+    param: dict[str, str]
+    others_live: list[str]
+
+
+def pick_run(args: D.Args) -> Picked | None:
+    """The sidebar's run picker, or None (with a message, and polling the runs root while
+    the run a link names, or any run, is not there yet)."""
     sb = st.sidebar
     ss = st.session_state
     sb.title("GPT-2 capture")
@@ -60,23 +70,43 @@ def pick_run(args: D.Args) -> tuple[str, dict[str, str]] | None:
     if typed:
         url = D.store_url(typed)
         sb.caption(D.summary_line(D.cached_summary(url, D.live_key(url))))
-        return url, {"store": typed}
+        return Picked(url, {"store": typed}, [])
     runs = [args.run_dir] if args.run_dir else D.find_runs(args.runs_root)
+
+    def listed() -> tuple:
+        return tuple(D.find_runs(args.runs_root))
+
     if not runs:
         st.info(f"No runs under {args.runs_root!r}: a run is a folder with a capture.zarr "
                 f"store (train one with `python -m trainer`, or pass `-- --run-dir RUN` or "
-                f"`-- --runs-root DIR`, or type a store URL in the sidebar).")
+                f"`-- --runs-root DIR`, or type a store URL in the sidebar). This page lists "
+                f"a run as soon as its store is created.")
+        state.watch(listed, listed(), True, "waiting for a run")
         return None
     names = [Path(r).name or r for r in runs]
-    if "run" not in ss and qp.get("run") in names:  # a new session on a link's run
-        ss["run"] = names.index(qp["run"])
+    wanted = qp.get("run")
+    if ss.get("run") is None and wanted in names:  # a new session on a link's run
+        ss["run"] = names.index(wanted)
     if ss.get("run") not in range(len(runs)):
         ss.pop("run", None)
+    # a link to a run whose store is not created yet (a run just launched): no run is
+    # chosen until it is, or until one is picked here
+    waiting = "run" not in ss and bool(wanted) and wanted not in names
     urls = [D.store_url(r) for r in runs]
-    sums = [D.cached_summary(u, D.live_key(u)) for u in urls]
+    keys = [D.live_key(u) for u in urls]
+    sums = [D.cached_summary(u, k) for u, k in zip(urls, keys)]
     i = sb.radio("Run", range(len(runs)), format_func=lambda j: names[j],
-                 captions=[D.summary_line(s) for s in sums], key="run") or 0
-    return urls[i], {"run": names[i]}
+                 captions=[D.summary_line(s) for s in sums], key="run",
+                 index=None if waiting else 0)
+    if i is None:
+        st.info(f"No run {wanted!r} under {args.runs_root!r} yet: this page opens it as soon "
+                f"as its capture store is created (or pick a run in the sidebar).")
+        state.watch(listed, listed(), True, f"waiting for run {wanted!r}")
+        return None
+    # (a store that cannot be read is not followed: it would be polled for ever)
+    others = [u for j, (u, k) in enumerate(zip(urls, keys))
+              if j != i and k[0] in ("created", "training")]
+    return Picked(urls[i], {"run": names[i]}, others)
 
 
 # ----------------------------------------------------------------------------- links
@@ -108,7 +138,9 @@ def open_store(url: str):
     try:
         return D.get_store(url)
     except StoreNotFound as e:
-        st.warning(f"No capture store here. {e}")
+        # a run just launched has no store for its first seconds: not an error
+        st.info(f"No capture store here yet. {e} This page shows the run as soon as its "
+                f"store is created.")
     except SchemaVersionError as e:
         when = "an older" if "older than this code" in str(e) else "a newer"
         st.error(f"This store was written by {when} version of the project. {e}")
@@ -126,13 +158,21 @@ def main() -> None:
     picked = pick_run(args)
     if picked is None:
         return
-    url, run = picked
+    url, run, others = picked
     switched = state.switch_run(url)
     st.session_state["_run_param"] = run  # every link between pages carries the run
+
+    def signature() -> tuple:
+        # the run's (status, captures, snapshots), then the other live runs' (the sidebar)
+        return (D.live_key(url), *(D.live_key(u) for u in others))
+
+    # taken before the page is drawn: a change while it is drawn is caught by the next poll
+    first = signature()
+    now = first[0][0]  # the run's status, or "absent" while its store does not exist
     rs = open_store(url)
     if rs is None:
         # not there yet (a run still starting): poll until it is
-        state.watch(lambda: D.live_key(url), None)
+        state.watch(signature, first, True, "waiting for this run's store")
         return
     try:
         state.seed(page, lambda p, take: apply_link(p, rs, take))
@@ -144,7 +184,9 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - a sentence, never a traceback
         st.error(f"Could not show this page: {type(e).__name__}: {e}")
     state.write_url(page, run, keep_url=not switched)
-    state.watch(lambda: D.live_key(url), rs.status)
-
+    live = now not in state.FINAL
+    state.watch(signature, first, live or bool(others),
+                "this page follows the run" if live else "the sidebar follows the runs "
+                "still training")
 
 main()

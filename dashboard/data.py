@@ -209,17 +209,19 @@ def neuron_heatmap(rs: RunStore, hook: str, stat: str, lo: int, hi: int,
 
 
 def top_tokens(rs: RunStore, hook: str, step: int, neuron: int, decode: Callable[[int], str],
-               window: int = 8, rows: int = 8) -> list[dict]:
+               window: int = 8, rows: int = 8, after: int = 2,
+               col: np.ndarray | None = None) -> list[dict]:
     """The neuron's top-activating tokens at `step`, each with its context: tokens
-    [pos - window, pos + 2] of its sequence and the neuron's activation at each. The top-k
-    and the tokens are in every capture; the activations of the context only in a full
+    [pos - window, pos + after] of its sequence and the neuron's activation at each. The
+    top-k and the tokens are in every capture; the activations of the context only in a full
     capture of a hook that keeps them (`from_acts` says which), else only the top token's
-    value is known."""
+    value is known. `col`: the neuron's activations [P, T] when already read (then no
+    activation is read here)."""
     vals, seqs, poss = rs.topk(hook, step, neuron)
     vals, seqs, poss = vals[:rows], seqs[:rows], poss[:rows]
     if not len(vals):
         return []
-    full = hook in rs.act_hooks and int(step) in set(rs.steps("full").tolist())
+    full = col is None and hook in rs.act_hooks and int(step) in set(rs.steps("full").tolist())
     probe = rs.probe_tokens()
     toks_of: dict[int, np.ndarray] = {}
     acts_of: dict[int, np.ndarray | None] = {}
@@ -228,11 +230,11 @@ def top_tokens(rs: RunStore, hook: str, step: int, neuron: int, decode: Callable
         s, p = int(s), int(p)
         if s not in toks_of:
             toks_of[s] = probe[s] if probe is not None else rs.tokens(step, s)
-            acts_of[s] = None
+            acts_of[s] = col[s] if col is not None else None
             if full:
                 a = rs.activations(hook, step, s)[:, neuron].astype(np.float32)
                 acts_of[s] = None if np.isnan(a).all() else a
-        t0, t1 = max(0, p - window), min(rs.seq_len, p + 3)
+        t0, t1 = max(0, p - window), min(rs.seq_len, p + after + 1)
         toks = toks_of[s][t0:t1]
         a = acts_of[s]
         acts = a[t0:t1] if a is not None else np.where(np.arange(t0, t1) == p, v, np.nan)
@@ -340,12 +342,6 @@ def cached_neuron_history(url: str, n: int, hook: str, neuron: int) -> pd.DataFr
 @st.cache_data(show_spinner=False, max_entries=32)
 def cached_heatmap(url: str, n: int, hook: str, stat: str, lo: int, hi: int):
     return neuron_heatmap(get_store(url), hook, stat, lo, hi)
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def cached_top_tokens(url: str, n: int, hook: str, step: int, neuron: int) -> list[dict]:
-    rs = get_store(url)
-    return top_tokens(rs, hook, step, neuron, get_decoder(tokenizer_file(rs)))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

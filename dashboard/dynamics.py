@@ -6,7 +6,6 @@ captures hold; a link into the Attention page points at a full capture."""
 
 from __future__ import annotations
 
-from typing import Callable
 from urllib.parse import urlencode
 
 import numpy as np
@@ -14,7 +13,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from dashboard import compare as C
 from dashboard import data as D
+from dashboard import training as T
+# the Neurons page shows the logit effects too: one data function for both pages
+from dashboard.neuron_data import cached_logit_effects, logit_effects  # noqa: F401
+from store.errors import StoreError
 from store.reader import RunStore
 from store.schema import HEAD_SCORES
 
@@ -87,16 +91,6 @@ def events_data(rs: RunStore, hook: str) -> dict:
             "events": table}
 
 
-def logit_effects(rs: RunStore, layer: int, step: int, neuron: int,
-                  decode: Callable[[int], str]) -> pd.DataFrame:
-    d = rs.neuron_logits(layer, step, neuron)
-    return pd.DataFrame({
-        "promotes": [repr(decode(t)) for t in d["top_token"]],
-        "effect +": np.round(d["top_value"], 4),
-        "suppresses": [repr(decode(t)) for t in d["bottom_token"]],
-        "effect -": np.round(d["bottom_value"], 4)})
-
-
 # ----------------------------------------------------------------------------- caching
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -117,12 +111,6 @@ def cached_lens(url: str, n: int) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=16)
 def cached_events(url: str, n: int, hook: str) -> dict:
     return events_data(D.get_store(url), hook)
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def cached_logit_effects(url: str, n: int, layer: int, step: int, neuron: int) -> pd.DataFrame:
-    rs = D.get_store(url)
-    return logit_effects(rs, layer, step, neuron, D.get_decoder(D.tokenizer_file(rs)))
 
 
 # ----------------------------------------------------------------------------- page
@@ -207,6 +195,8 @@ def _heads(url: str, rs: RunStore, n: int, pc: dict | None, fig_layout) -> None:
     fig_layout(c, f"Highest {score} in each layer", 300)
     c.update_xaxes(title="step").update_yaxes(title=score)
     st.plotly_chart(c, key="dyn_best")
+    if C.sibling_runs(url):
+        _best_by_run(url, score, pc, fig_layout)
     last = g["z"][:, -1]
     order = np.argsort(last)[::-1 if score != "entropy" else 1][:5]
     step = int(g["steps"][-1])
@@ -221,6 +211,35 @@ def _heads(url: str, rs: RunStore, n: int, pc: dict | None, fig_layout) -> None:
         f"[{g['labels'][i]} ({last[i]:.2f})]"
         f"({link('attention', layer=int(i) // rs.n_heads, head=int(i) % rs.n_heads, step=full)})"
         for i in order))
+
+
+def _best_by_run(url: str, score: str, pc: dict | None, fig_layout) -> None:
+    """The best head's score (any layer) by step, one curve per compared run: the runs
+    chosen here are the Training page's (one session key, state.VIEW's `compare`)."""
+    runs = T.compared_runs(url)
+    col = T.colours(runs)
+    c = go.Figure()
+    lacking = []
+    for name, u in runs.items():
+        try:
+            if score not in D.get_store(u).head_score_names:
+                lacking.append(name)
+                continue
+            g = cached_head_grid(u, D.n_committed(u), score)
+        except StoreError as e:
+            st.warning(f"{name} cannot be read: {e}")
+            continue
+        c.add_scatter(x=g["steps"], y=C.best_head(g["z"], score), mode="lines+markers",
+                      name=name, line=dict(color=col[name]))
+    if pc:
+        c.add_vline(x=pc["step"], line_dash="dash", line_color="red")
+    word = "Lowest" if score == "entropy" else "Highest"
+    fig_layout(c, f"{word} {score} of any head, by run", 300)
+    c.update_xaxes(title="step").update_yaxes(title=score)
+    st.plotly_chart(c, key="dyn_best_by_run")
+    if lacking:
+        st.caption(f"{', '.join(lacking)} store{'' if len(lacking) > 1 else 's'} no "
+                   f"{score} score.")
 
 
 def _lens(url: str, n: int, pc: dict | None, fig_layout) -> None:

@@ -206,7 +206,9 @@ def apply_link(rs: RunStore, take: Callable) -> None:
             ss[key] = v
     snaps = rs.snapshot_steps()
     step = take("step", lambda v: True)
-    if step is not None and snaps:
+    # a step outside the run's snapshots (another run's, a mistyped one) is dropped without
+    # a word; one between two snapshots opens the nearest, and says so
+    if step is not None and snaps and snaps[0] <= step <= snaps[-1]:
         near = min(snaps, key=lambda s: (abs(s - step), -s))
         if near != step:
             ss["prompt_note"] = (f"Step {step} has no weight snapshot: showing step {near}, "

@@ -11,14 +11,16 @@ back to the run's defaults without a warning.
 Switching runs clears every page's widgets (`switch_run`): nothing of one run's view leaks
 into another's (a step, a neuron beyond the new model's width).
 
-Live: while the run's status is not final (or its store does not exist yet), `watch` polls
-the store's status and committed captures every LIVE_EVERY_S seconds in a fragment and reruns
-the whole app when they change, so every page, the sidebar included, shows the new capture,
-and the final status ends the polling.
+Live: while the run's status is not final (or its store does not exist yet, or a link names
+a run not created yet), `watch` polls the store's status, committed captures and snapshots
+(and those of the other runs listed that still train, for the sidebar's captions) every
+LIVE_EVERY_S seconds in a fragment and reruns the whole app when they change, so every
+page, the sidebar included, shows the new capture; the final status ends the polling.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import streamlit as st
@@ -27,23 +29,28 @@ LIVE_EVERY_S = 2.0
 FINAL = ("finished", "stopped", "failed")
 
 # page -> {URL parameter: (session-state key, type)}. A page's widget with that key is in the
-# URL. Types: int, str, bool, list (of str, comma-separated in the URL).
+# URL. Types: int, float, str, bool, list (of str, comma-separated in the URL).
 VIEW: dict[str, dict[str, tuple[str, type]]] = {
-    "Training": {"logx": ("logx", bool)},
+    # compare: the other runs overlaid (one session key for both pages, so the choice
+    # carries from one to the other)
+    "Training": {"logx": ("logx", bool), "compare": ("compare", list),
+                 "smooth": ("smooth", float), "x": ("xaxis", str)},
     "Dynamics": {"score": ("dyn_score", str), "hook": ("dyn_hook", str),
-                 "layer": ("dyn_dla_layer", int), "neuron": ("dyn_dla_neuron", int)},
+                 "layer": ("dyn_dla_layer", int), "neuron": ("dyn_dla_neuron", int),
+                 "compare": ("compare", list)},
     "Neurons": {"hook": ("hook", str), "neuron": ("neuron", int), "step": ("neuron_step", int),
-                "stat": ("stat", str)},
+                "stat": ("stat", str), "q": ("neuron_q", str)},
+    # seq: a probe sequence's number (0, 1, ...) or a repeated random-token one's (r0, r1, ...)
     "Attention": {"layer": ("attn_layer", int), "head": ("attn_head", int),
-                  "seq": ("attn_seq", int), "step": ("attn_step", int)},
+                  "seq": ("attn_seq", str), "step": ("attn_step", int)},
     "Prompt": {"hook": ("prompt_hook", str), "neuron": ("prompt_neuron", int),
                "layer": ("prompt_layer", int), "head": ("prompt_head", int),
                "step": ("prompt_step", int)},
     "Store": {"array": ("array", str)},
 }
-# Session keys that belong to one run's view without being in the URL: cleared with it.
-RUN_PREFIXES = ("_seen::", "neuron::", "range::", "attn_note", "prompt_note", "prompt_text",
-                "prompt_across", "prompt_pos")
+# Session keys of the app itself (page, run, store typed in the sidebar; app.py): the only
+# ones a switch of runs keeps (switch_run).
+KEEP = frozenset({"page", "run", "typed_url", "_view_run", "_run_param", "_seeded"})
 
 
 def parse(raw: str, typ: type):
@@ -51,6 +58,9 @@ def parse(raw: str, typ: type):
     try:
         if typ is int:
             return int(raw)
+        if typ is float:
+            v = float(raw)
+            return v if math.isfinite(v) else None
         if typ is bool:
             return {"1": True, "true": True, "0": False, "false": False}.get(raw.lower())
         if typ is list:
@@ -65,6 +75,8 @@ def fmt(value, typ: type) -> str:
         return "1" if value else "0"
     if typ is list:
         return ",".join(map(str, value))
+    if typ is float:
+        return f"{value:g}"  # a slider's 0.6000000000000001 reads 0.6
     return str(value)
 
 
@@ -97,16 +109,17 @@ def seed(page: str, apply: Callable[[str, Callable], None]) -> None:
 
 def switch_run(run_id: str) -> bool:
     """Called with the chosen run's id on every run of the script; when it differs from
-    the last one, drops every page's widgets and per-run keys, so the new run's pages open
-    at their defaults. True when the run changed."""
+    the last one, drops everything but the app's own keys (KEEP): every page's widgets and
+    per-run keys, whatever page made them, so the new run's pages open at their defaults
+    and no step, neuron or "seen" list of the old run can reach them. True when the run
+    changed."""
     ss = st.session_state
     last = ss.get("_view_run")
     ss["_view_run"] = run_id
     if last is None or last == run_id:
         return False
-    keys = {key for params in VIEW.values() for key, _ in params.values()}
     for k in list(ss.keys()):
-        if k in keys or str(k).startswith(RUN_PREFIXES):
+        if k not in KEEP:
             del ss[k]
     return True
 
@@ -121,21 +134,24 @@ def write_url(page: str, run: dict[str, str], keep_url: bool = True) -> None:
     for param, (key, typ) in VIEW.get(page, {}).items():
         v = ss.get(key)
         if v is not None:
-            want[param] = fmt(v, typ)
+            if fmt(v, typ) != "":  # an empty box or list: its default, no "&q=" in the URL
+                want[param] = fmt(v, typ)
         elif param in qp and keep_url:
             want[param] = qp[param]
     if {k: qp[k] for k in qp} != want:
         qp.from_dict(want)
 
 
-def watch(signature: Callable[[], tuple], status: str | None) -> None:
-    """While `status` is not final: poll `signature()` (status, captures, snapshots) every
-    LIVE_EVERY_S seconds and rerun the whole app when it changes. Costs one read of the
-    store's root metadata and capture index per poll."""
-    if status in FINAL:
+def watch(signature: Callable[[], tuple], first: tuple, live: bool, what: str) -> None:
+    """While `live`: poll `signature()` every LIVE_EVERY_S seconds in a fragment and rerun
+    the whole app when it differs from `first` (its value when this run of the script
+    began, so a change while the page was drawn is not missed). st.rerun's default scope
+    is the app, also from inside a fragment: every page and the sidebar are redrawn. A
+    rerun that finds nothing live left draws no fragment, which ends the polling. `what`:
+    the sidebar's sentence on what is followed."""
+    if not live:
         return
-    st.sidebar.caption(f"Live: this page follows the run (every {LIVE_EVERY_S:g} s).")
-    first = signature()
+    st.sidebar.caption(f"Live: {what} (every {LIVE_EVERY_S:g} s).")
 
     @st.fragment(run_every=LIVE_EVERY_S)
     def poll() -> None:

@@ -101,12 +101,14 @@ def test_training_page(monkeypatch, tiny_run, rs):
     assert m["Step"] == str(int(tr["step"][-1])) == "8"
     assert m["Train loss"] == f"{tr['loss'][-1]:.4f}"
     assert m["Val loss"] == f"{va['loss'][-1]:.4f}"
-    assert m["Captures"] == "6 (5 full) · 6 snapshots"
+    assert m["Captures"] == "6"
+    assert {x.label: x.delta for x in at.metric}["Captures"] == "5 full · 6 snapshots"
     assert m["Status"] == "finished"
-    assert titles(at) == ["Loss", "Learning rate", "Gradient norm", "Tokens per second"]
+    assert titles(at) == ["Loss", "Validation loss", "Learning rate", "Gradient norm",
+                          "Tokens per second"]
     loss = charts(at)[0]["data"]
     by = {d["name"]: d for d in loss}
-    assert np.allclose(arr(by["train loss"]["y"]), tr["loss"], rtol=1e-6)
+    assert np.allclose(arr(by["tiny"]["y"]), tr["loss"], rtol=1e-6)
     # captured steps marked on the loss curve, full and summary-only apart
     assert arr(by["full capture"]["x"]).tolist() == TINY_FULL
     assert arr(by["summary capture"]["x"]).tolist() == [6]
@@ -125,6 +127,7 @@ def test_training_page(monkeypatch, tiny_run, rs):
 def test_neurons_page(monkeypatch, tiny_run, rs):
     at = app(monkeypatch, "neurons", run_dir=tiny_run)
     hook = at.selectbox(key="hook").value
+    assert hook == "blocks.0.mlp.hook_post"  # it opens on the first MLP hook's neurons
     D = rs.hooks[hook]
     steps = [int(s) for s in rs.steps()]
     assert at.dataframe[0].value.shape == (D, 5)
@@ -151,9 +154,10 @@ def test_neurons_page(monkeypatch, tiny_run, rs):
     assert np.allclose(arr(next(d for d in hist["data"] if d["name"] == "max")["y"]), mx)
     heat = next(c for c in charts(at) if "by step" in c["layout"]["title"]["text"])
     assert arr(heat["data"][0]["z"]).shape == (64, len(steps))
-    assert [h.value for h in at.subheader] == [
-        f"Top-activating tokens of neuron 5 at step {steps[2]}"]
-    html = at.markdown[0].value
+    heads = [h.value for h in at.subheader]
+    assert heads[0] == f"Neuron 5 of {mlp} at step {steps[2]}"
+    assert f"Top-activating tokens of neuron 5 at step {steps[2]}" in heads
+    html = next(m.value for m in at.markdown if "toprow" in m.value)
     vals, seqs, poss = rs.topk(mlp, steps[2], 5)
     assert f"<b>{vals[0]:.3f}</b>" in html and f"seq {seqs[0]}, pos {poss[0]}" in html
     # the top token decoded with the run's own GPT-2 BPE
@@ -174,9 +178,9 @@ def test_neurons_page(monkeypatch, tiny_run, rs):
     # step 6 is a summary capture: the top-k is there, the context's activations are not
     at.select_slider(key="neuron_step").set_value(6).run()
     assert not at.exception
-    assert [h.value for h in at.subheader] == ["Top-activating tokens of neuron 5 at step 6"]
+    assert "Top-activating tokens of neuron 5 at step 6" in [h.value for h in at.subheader]
     vals6, seqs6, poss6 = rs.topk(mlp, 6, 5)
-    html = at.markdown[0].value
+    html = next(m.value for m in at.markdown if "toprow" in m.value)
     assert f"<b>{vals6[0]:.3f}</b>" in html and "title='not stored'" in html
     assert ("Only each top token is coloured: step 6 is a summary capture; activations are "
             "kept at full captures (nearest: step 8)." in " ".join(c.value for c in at.caption))
@@ -379,7 +383,8 @@ def test_summary_only_store(monkeypatch, tmp_path):
     rs = RunStore(run / "capture.zarr")
     assert rs.steps("full").tolist() == [] and rs.steps().tolist() == [0, 10, 20]
     at = app(monkeypatch, "training", run_dir=run)
-    assert {m.label: m.value for m in at.metric}["Captures"] == "3 (0 full) · 0 snapshots"
+    assert {m.label: (m.value, m.delta) for m in at.metric}["Captures"] == \
+        ("3", "0 full · 0 snapshots")
     assert "Full captures (activations, attention, logit effects): none yet" in " ".join(
         c.value for c in at.caption)
     at = app(monkeypatch, "attention", run_dir=run)
@@ -443,7 +448,8 @@ def test_empty_store(monkeypatch, tiny_run, tmp_path):
     at = app(monkeypatch, "store", run_dir=run)
     assert "No capture and no snapshot committed yet." in " ".join(c.value for c in at.caption)
     at = app(monkeypatch, "training", run_dir=run)
-    assert {m.label: m.value for m in at.metric}["Captures"] == "0 (0 full) · 0 snapshots"
+    assert {m.label: (m.value, m.delta) for m in at.metric}["Captures"] == \
+        ("0", "0 full · 0 snapshots")
 
 
 def test_live_run(monkeypatch, tiny_run, tmp_path):

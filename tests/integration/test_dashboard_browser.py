@@ -139,10 +139,11 @@ def test_pages_render(server, browser, tmp_path):
     body = _load(browser, url, "training", ".js-plotly-plot", "Train loss", n=4)
     assert f"{tr['loss'][-1]:.4f}" in body and f"{va['loss'][-1]:.4f}" in body
     captures = (f"{len(steps)} ({len(full)} full) · {len(rs.snapshot_steps())} snapshots")
-    assert "finished" in body and captures in body
+    assert "finished" in body and \
+        f"{len(full)} full · {len(rs.snapshot_steps())} snapshots" in body
     assert "captures " + captures in body  # the sidebar's run summary too
-    assert _plot_titles(browser) == ["Loss", "Learning rate", "Gradient norm",
-                                     "Tokens per second"]
+    assert _plot_titles(browser) == ["Loss", "Validation loss", "Learning rate",
+                                     "Gradient norm", "Tokens per second"]
     _shot(browser, "training", tmp_path)
 
     body = _load(browser, url, "neurons", ".js-plotly-plot", "Top-activating tokens", n=4)
