@@ -166,8 +166,10 @@ def _attention_link(rs: RunStore, layer: int, head: int, step: int) -> str:
 def _heads(url: str, rs: RunStore, n: int, pc: dict | None, fig_layout) -> None:
     st.subheader("Heads across training")
     names = [s for s in HEAD_SCORES if s in rs.head_score_names]
-    score = st.radio("Score", names, horizontal=True, key="dyn_score",
-                     index=names.index("induction") if "induction" in names else 0)
+    ss = st.session_state
+    if ss.get("dyn_score") not in names:  # first time, or a link's score this run lacks
+        ss["dyn_score"] = "induction" if "induction" in names else names[0]
+    score = st.radio("Score", names, horizontal=True, key="dyn_score")
     st.caption(SCORE_WORDS[score])
     g = cached_head_grid(url, n, score)
     xs = [str(s) for s in g["steps"]]
@@ -274,6 +276,8 @@ def _icl(url: str, n: int, pc: dict | None, fig_layout) -> None:
 
 def _events(url: str, rs: RunStore, n: int, hooks: list[str], fig_layout) -> None:
     st.subheader("Neuron births and deaths")
+    if st.session_state.get("dyn_hook") not in hooks:
+        st.session_state.pop("dyn_hook", None)
     hook = st.selectbox("MLP hook", hooks, key="dyn_hook")
     e = cached_events(url, n, hook)
     st.caption(f"A neuron dies when it is active (> 0) on under 1% of the probe's tokens and "
@@ -312,8 +316,13 @@ def _logit_effects(url: str, rs: RunStore, fig_layout, step_slider) -> None:
                "unembedding; the LayerNorm's scale (a positive per-token number) and bias "
                "are left out, so rankings are exact and values are per unit of that scale.")
     c = st.columns(2)
+    ss = st.session_state
+    if ss.get("dyn_dla_layer") not in rs.dla_layers:
+        ss.pop("dyn_dla_layer", None)
+    if not isinstance(ss.get("dyn_dla_neuron"), int) or not 0 <= ss["dyn_dla_neuron"] < rs.d_mlp:
+        ss["dyn_dla_neuron"] = 0
     layer = c[0].selectbox("Layer", rs.dla_layers, key="dyn_dla_layer")
-    neuron = int(c[1].number_input("Neuron", 0, rs.d_mlp - 1, 0, key="dyn_dla_neuron"))
+    neuron = int(c[1].number_input("Neuron", 0, rs.d_mlp - 1, key="dyn_dla_neuron"))
     step = step_slider(steps, "dyn_dla_step", "full")
     st.dataframe(cached_logit_effects(url, len(steps), layer, step, neuron), hide_index=True,
                  key="dyn_dla_table")
