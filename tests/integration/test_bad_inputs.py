@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BPE, CORPUS, losses, ok, run_cli, torchrun, train_args
+from helpers import BPE, CORPUS, losses, ok, run_cli, run_clis, torchrun, train_args
 from trainer import checkpoint
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("extra,msg", [
+BAD_CONFIGS = [
     (["--model.n_layerz=3"], "unknown option --model.n_layerz=3; did you mean --model.n_layer?"),
     (["--optim.lr=fast"], "--optim.lr: could not convert string to float: 'fast'"),
     (["--model.n_embd=30", "--model.n_head=4"],
@@ -46,10 +46,18 @@ def tree_digest(path: Path) -> str:
     (["--checkpoint.every=0"], "checkpoint.every must be positive"),
     (["--train.grad_clip=0"], "train.grad_clip must be positive"),
     (["--log.every=0"], "log.every must be positive"),
-])
-def test_bad_config(shakespeare_data, tmp_path, extra, msg):
-    fails_with(run_cli(train_args(shakespeare_data, tmp_path / "run", *extra)), msg)
-    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+]
+
+
+def test_bad_config(shakespeare_data, tmp_path):
+    """Each refused in one line (exit 2) before anything is written. Two at a time: each is
+    one process, most of them answered before torch is imported (trainer/launch.py)."""
+    runs = [tmp_path / f"run{i}" for i in range(len(BAD_CONFIGS))]
+    results = run_clis(*(train_args(shakespeare_data, run, *extra)
+                         for run, (extra, _) in zip(runs, BAD_CONFIGS)))
+    for run, (extra, msg), r in zip(runs, BAD_CONFIGS, results):
+        fails_with(r, msg)
+        assert not run.exists(), extra  # nothing written for a run that never started
 
 
 def test_bad_config_file(tmp_path, shakespeare_data):

@@ -114,7 +114,8 @@ def test_the_dynamics_page_marks_the_step_it_formed(monkeypatch, induction_run, 
     assert not at.exception, [e.value for e in at.exception]
     ok = " ".join(str(x.value) for x in at.success)
     assert f"Induction phase change at step **{int(steps[j])}**: layer 1 head {head}" in ok
-    assert f"(?page=attention&layer=1&head={head}&step={int(steps[j])})" in ok
+    assert (f"(?page=attention&run={induction_run.name}&layer=1&head={head}"
+            f"&step={int(steps[j])})") in ok
     heat = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]
     assert [sh["x0"] for sh in heat["shapes"]] == [j]  # the heatmap column of that step
     assert [(a["x"], a["text"]) for a in heat["annotations"]] == \
