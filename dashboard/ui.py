@@ -20,9 +20,12 @@ def no_full(rs, what: str) -> str:
 
 
 def fig_layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
-    # top margin 60: the title sits below plotly's toolbar (modebar), not under it
-    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), height=height,
-                      margin=dict(l=40, r=10, t=60, b=30),
+    # The title sits at the foot of a 70 px top margin, just above the plot, and plotly's
+    # toolbar (modebar) keeps the top 30 px: a long title on a narrow chart does not run
+    # under the toolbar's icons.
+    fig.update_layout(title=dict(text=title, x=0, xref="paper", xanchor="left", y=1,
+                                 yref="paper", yanchor="bottom", pad=dict(b=8)),
+                      height=height, margin=dict(l=40, r=10, t=70, b=30),
                       legend=dict(orientation="h", y=-0.2))
     return fig
 
