@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import BPE, ROOT, TINY_FULL, TINY_SNAPSHOTS, TINY_STEPS
+from helpers import BPE, TINY_FULL, TINY_SNAPSHOTS, TINY_STEPS
+from apptest_env import APP, arr, charts, open_app
 from store.reader import RunStore
 from store.writer import StoreWriter
 
@@ -22,7 +23,6 @@ from store_fixture import ACT_HOOK, write_store  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-APP = str(ROOT / "dashboard" / "app.py")
 
 
 @pytest.fixture(scope="module")
@@ -36,50 +36,13 @@ def rs(tiny_run) -> RunStore:
 
 
 def app(monkeypatch, page: str | None = None, run_dir=None, runs_root=None):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    monkeypatch.delenv("DASHBOARD_RUN_DIR", raising=False)
-    monkeypatch.delenv("DASHBOARD_RUNS_ROOT", raising=False)
-    if run_dir is not None:
-        monkeypatch.setenv("DASHBOARD_RUN_DIR", str(run_dir))
-    if runs_root is not None:
-        monkeypatch.setenv("DASHBOARD_RUNS_ROOT", str(runs_root))
-    at = AppTest.from_file(APP, default_timeout=60)
-    if page:
-        at.query_params["page"] = page
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_app(monkeypatch, run_dir=run_dir, runs_root=runs_root,
+                    **({"page": page} if page else {}))
 
 
 def app_with_params(monkeypatch, run, **params):
     """The app on `run`, opened at a link's query parameters."""
-    from streamlit.testing.v1 import AppTest
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    monkeypatch.delenv("DASHBOARD_RUNS_ROOT", raising=False)
-    monkeypatch.setenv("DASHBOARD_RUN_DIR", str(run))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params.update(**params)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def charts(at) -> list[dict]:
-    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-
-
-def arr(v) -> np.ndarray:
-    """A plotly trace's data: a list, or plotly's typed array {dtype, bdata[, shape]}."""
-    if isinstance(v, dict) and "bdata" in v:
-        import base64
-        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
-        shape = v.get("shape")
-        if isinstance(shape, str):
-            shape = [int(x) for x in shape.split(",")]
-        return a.reshape(shape) if shape else a
-    return np.asarray(v, dtype=float)
+    return open_app(monkeypatch, run_dir=run, **params)
 
 
 def titles(at) -> list[str]:

@@ -8,49 +8,24 @@ meaning; a store without the repeated probe's attention says so."""
 
 from __future__ import annotations
 
-import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import BPE, ROOT
+from helpers import BPE
+from apptest_env import arr, charts
+from apptest_env import open_app as _open
 from store.reader import RunStore
 
 from store_fixture import write_store  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-APP = str(ROOT / "dashboard" / "app.py")
 
 
 def open_app(monkeypatch, run, **params):
-    from streamlit.testing.v1 import AppTest
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    monkeypatch.delenv("DASHBOARD_RUNS_ROOT", raising=False)
-    monkeypatch.setenv("DASHBOARD_RUN_DIR", str(run))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params.update(page="attention", **params)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def charts(at) -> list[dict]:
-    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-
-
-def arr(v) -> np.ndarray:
-    """A plotly trace's data: a list, or plotly's typed array {dtype, bdata[, shape]}."""
-    if isinstance(v, dict) and "bdata" in v:
-        import base64
-        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
-        shape = v.get("shape")
-        if isinstance(shape, str):
-            shape = [int(x) for x in shape.split(",")]
-        return a.reshape(shape) if shape else a
-    return np.asarray(v, dtype=float)
+    return _open(monkeypatch, run_dir=run, page="attention", **params)
 
 
 def captions(at) -> str:

@@ -5,88 +5,30 @@ as it was: docs/screenshots/ is refreshed by hand, by copying them from there)."
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, env
+from browser_env import chromium, serve_dashboard
+from helpers import ROOT
 from store.reader import RunStore
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("streamlit") / "server.log", "w+")
-    p = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
-         "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--", "--run-dir", str(tiny_run)],
-        cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if p.poll() is not None:
-                    break
-                time.sleep(0.3)
-        else:
-            pass
-        if p.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"streamlit exited early:\n{log.read()[-3000:]}")
+    with serve_dashboard(["--run-dir", str(tiny_run)], tmp_path_factory.mktemp("streamlit")) as url:
         yield url, RunStore(tiny_run / "capture.zarr")
-    finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: install Debian's browser with "
-                    f"`apt-get install -y chromium chromium-driver` (the dashboard's browser "
-                    f"test needs it)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is not installed: pip install selenium (the `test` extra)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-              "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--window-size=1400,1400",
-              f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(60)
-    yield drv
-    drv.quit()
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as drv:
+        yield drv
 
 
 def _load(drv, url: str, page: str, css: str, text: str, n: int = 1, timeout: float = 60):

@@ -9,51 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from apptest_env import arr, open_app
+from apptest_env import charts_by_title as by_title
 from store.reader import RunStore
 
 pytestmark = pytest.mark.integration
 
-APP = str(ROOT / "dashboard" / "app.py")
 SMOOTH = 0.6
-
-
-def open_app(monkeypatch, runs_root=None, run_dir=None, **params):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    monkeypatch.delenv("DASHBOARD_RUN_DIR", raising=False)
-    monkeypatch.delenv("DASHBOARD_RUNS_ROOT", raising=False)
-    if runs_root is not None:
-        monkeypatch.setenv("DASHBOARD_RUNS_ROOT", str(runs_root))
-    if run_dir is not None:
-        monkeypatch.setenv("DASHBOARD_RUN_DIR", str(run_dir))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params.update(**params)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def by_title(at) -> dict[str, list[dict]]:
-    out = {}
-    for c in at.get("plotly_chart"):
-        spec = json.loads(c.proto.spec)
-        out[(spec["layout"].get("title") or {}).get("text", "")] = spec
-    return out
-
-
-def arr(v) -> np.ndarray:
-    """A plotly trace's data: a list, or plotly's typed array {dtype, bdata}."""
-    if isinstance(v, dict) and "bdata" in v:
-        import base64
-        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
-    return np.asarray(v, dtype=float)
 
 
 def records(run) -> list[dict]:

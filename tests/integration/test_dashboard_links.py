@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT
+from apptest_env import open_app as _open
 from store.writer import StoreWriter
 
 pytestmark = pytest.mark.integration
@@ -48,16 +49,7 @@ def root(run_pair) -> Path:
 def open_app(monkeypatch, root: Path, **params):
     """A new browser session of the app listing the runs under `root`, opened at a URL's
     query parameters."""
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    monkeypatch.delenv("DASHBOARD_RUN_DIR", raising=False)
-    monkeypatch.setenv("DASHBOARD_RUNS_ROOT", str(root))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params.update(**params)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return _open(monkeypatch, runs_root=root, **params)
 
 
 def url(at) -> dict[str, str]:

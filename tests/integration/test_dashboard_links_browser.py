@@ -8,36 +8,26 @@ on its own: its first appearance, each new capture and its final status."""
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from helpers import ROOT, TINY_ARGS, env, popen
+from browser_env import chromium, serve_dashboard
+from helpers import TINY_ARGS, popen
 from store.errors import StoreError
 from store.reader import RunStore
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 REFRESH_S = 2.0  # dashboard.state.LIVE_EVERY_S (not imported: it would import streamlit here)
 # The live run: TINY_ARGS' model for 40 steps, captured at every step (its store appears
 # after the trainer's start-up, ~5-15 s, then a capture every few tenths of a second).
 LIVE_STEPS = 40
 LIVE_ARGS = [*TINY_ARGS, "--max-steps", str(LIVE_STEPS), "--capture.every=1",
              "--eval.every=20"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,58 +42,15 @@ def root(run_pair, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(root, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("streamlit_links") / "server.log", "w+")
-    p = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
-         "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--", "--runs-root", str(root)],
-        cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and p.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        if p.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"streamlit exited early:\n{log.read()[-3000:]}")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-        log.close()
+    log_dir = tmp_path_factory.mktemp("streamlit_links")
+    with serve_dashboard(["--runs-root", str(root)], log_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: install Debian's browser with "
-                    f"`apt-get install -y chromium chromium-driver` (the dashboard's browser "
-                    f"tests need it)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is not installed: pip install selenium (the `test` extra)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-              "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--window-size=1400,1400",
-              f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile-links')}"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(60)
-    yield drv
-    drv.quit()
+    with chromium(tmp_path_factory.mktemp("chromium-profile-links")) as drv:
+        yield drv
 
 
 # ----------------------------------------------------------------------------- the page

@@ -6,27 +6,22 @@ that neuron."""
 
 from __future__ import annotations
 
-import base64
 import html as H
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from helpers import BPE, ROOT, env
+from browser_env import chromium, serve_dashboard
+from helpers import BPE
+from apptest_env import arr, open_app
 from store.reader import RunStore
 
 pytestmark = pytest.mark.integration
 
-APP = str(ROOT / "dashboard" / "app.py")
 MLP = "blocks.1.mlp.hook_post"  # an MLP hook whose activations full captures keep
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +38,10 @@ def decode():
 
 
 def opened(monkeypatch, run, **params):
-    """The app on `run`, opened at a link's query parameters."""
-    from streamlit.testing.v1 import AppTest
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    monkeypatch.delenv("DASHBOARD_RUNS_ROOT", raising=False)
-    monkeypatch.setenv("DASHBOARD_RUN_DIR", str(run))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params.update(page="neurons", **params)
-    at.run()
-    assert not at.exception and not at.error, [e.value for e in at.exception]
+    """The app on `run`, opened at a link's query parameters: no exception, no error."""
+    at = open_app(monkeypatch, run_dir=run, page="neurons", **params)
+    assert not at.error, [e.value for e in at.error]
     return at
-
-
-def arr(v) -> np.ndarray:
-    """A plotly trace's data: a list, or plotly's typed array {dtype, bdata[, shape]}."""
-    if isinstance(v, dict) and "bdata" in v:
-        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
-        shape = v.get("shape")
-        if isinstance(shape, str):
-            shape = [int(x) for x in shape.split(",")]
-        return a.reshape(shape) if shape else a
-    return np.asarray(v, dtype=float)
 
 
 def chart(at, title: str) -> dict:
@@ -203,60 +181,16 @@ def test_search_finds_neurons_by_token(monkeypatch, tiny_run, rs, decode):
 
 # ----------------------------------------------------------------------------- browser
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("streamlit") / "server.log", "w+")
-    p = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--browser.gatherUsageStats", "false", "--", "--run-dir", str(tiny_run)],
-        cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and p.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        if p.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"streamlit exited early:\n{log.read()[-3000:]}")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-        log.close()
+    with serve_dashboard(["--run-dir", str(tiny_run)], tmp_path_factory.mktemp("streamlit")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: install Debian's browser with "
-                    f"`apt-get install -y chromium chromium-driver`")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-              "--disable-background-networking", "--window-size=1400,1400",
-              f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(60)
-    yield drv
-    drv.quit()
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as drv:
+        yield drv
 
 
 def test_clicking_a_table_row_opens_that_neuron(server, browser):

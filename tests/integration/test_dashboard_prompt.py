@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from helpers import BPE, ROOT, TINY_SNAPSHOTS, env
+from apptest_env import arr, open_app
+from apptest_env import charts_by_title as charts
 from store.reader import RunStore
 from store_fixture import write_store
 
@@ -31,36 +33,7 @@ STEP, NEURON, LAYER, HEAD, POS = 6, 5, 2, 1, 3
 
 
 def app(monkeypatch, run, **params):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    monkeypatch.delenv("DASHBOARD_RUNS_ROOT", raising=False)
-    monkeypatch.setenv("DASHBOARD_RUN_DIR", str(run))
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.query_params.update(**params)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def charts(at) -> dict[str, dict]:
-    out = {}
-    for c in at.get("plotly_chart"):
-        spec = json.loads(c.proto.spec)
-        out[(spec["layout"].get("title") or {}).get("text", "")] = spec
-    return out
-
-
-def arr(v) -> np.ndarray:
-    """A plotly trace's data: a list, or plotly's typed array {dtype, bdata[, shape]}."""
-    if isinstance(v, dict) and "bdata" in v:
-        import base64
-        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
-        shape = v.get("shape")
-        if isinstance(shape, str):
-            shape = [int(x) for x in shape.split(",")]
-        return a.reshape(shape) if shape else a
-    return np.asarray(v, dtype=float)
+    return open_app(monkeypatch, run_dir=run, timeout=120, **params)
 
 
 def texts(at) -> str:

@@ -7,86 +7,34 @@ what attends to it. The screenshot goes to the test's temporary folder only
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import ROOT, TINY_SNAPSHOTS, env
+from browser_env import chromium, serve_dashboard
+from helpers import ROOT, TINY_SNAPSHOTS
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TEXT = "JULIET: O Romeo, Romeo, wherefore art thou Romeo?"
 HOOK = "blocks.0.mlp.hook_post"  # the page's default: the first captured MLP hook
 NEURON = 7
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
     """`streamlit run dashboard/app.py -- --run-dir tiny_run` (as test_dashboard_browser.py
     starts it)."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("streamlit_prompt") / "server.log", "w+")
-    p = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
-         "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--", "--run-dir", str(tiny_run)],
-        cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and p.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        if p.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"streamlit exited early:\n{log.read()[-3000:]}")
-        yield f"http://127.0.0.1:{port}", log
-    finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-        log.close()
+    log_dir = tmp_path_factory.mktemp("streamlit_prompt")
+    with serve_dashboard(["--run-dir", str(tiny_run)], log_dir) as url:
+        yield url, log_dir / "server.log"
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: install Debian's browser with "
-                    f"`apt-get install -y chromium chromium-driver` (the dashboard's browser "
-                    f"test needs it)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is not installed: pip install selenium (the `test` extra)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-              "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--window-size=1400,1400",
-              f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile-prompt')}"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(60)
-    yield drv
-    drv.quit()
+    with chromium(tmp_path_factory.mktemp("chromium-profile-prompt")) as drv:
+        yield drv
 
 
 def _wait(drv, pred, timeout: float = 90, what: str = ""):
@@ -200,5 +148,4 @@ def test_prompt_page_in_a_browser(server, browser, tmp_path):
     out = tmp_path / "prompt.png"
     assert drv.save_screenshot(str(out)) and out.stat().st_size > 10_000
     assert _repo_files() == before, "the test changed files under docs/screenshots/"
-    log.seek(0)
-    assert "Traceback" not in log.read()
+    assert "Traceback" not in log.read_text()
