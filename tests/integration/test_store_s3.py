@@ -124,88 +124,15 @@ def test_store_written_to_s3_reads_back_equal(s3):
     assert keys and not [k for k in keys if k.endswith(".partial")]
 
 
-WRITER = """
-import os, time, numpy as np, store_util as u
-from store.schema import FULL, SUMMARY
-from store.writer import StoreWriter
-url, caps, flag = {url!r}, {caps!r}, {flag!r}
-w0 = StoreWriter.create_or_open(url, u.layout(max_steps=40))
-w1 = StoreWriter.open(url)
-w0.set_status("training")
-t0 = time.monotonic()
-while not os.path.exists(flag) and time.monotonic() - t0 < 30:
-    time.sleep(0.005)               # the reader has the store open: captures start now
-for slot, step, full in caps:
-    w0.reserve(slot)
-    for rank, w in enumerate((w0, w1)):
-        u.write_part(w, slot, step, rank, 2, pause=0.004, full=full)  # readers poll mid-capture
-    while not w0.all_done(slot):
-        time.sleep(0.001)
-    w0.commit(slot, step, SUMMARY | FULL if full else SUMMARY)
-    w0.write_metrics("train", np.arange(max(1, step - 2), step + 1),
-                     {{"loss": np.array([u.loss(s) for s in range(max(1, step - 2), step + 1)],
-                                        np.float32)}})
-w0.set_status("finished")
-"""
-
-READER = """
-import json, time, traceback, numpy as np, store_util as u
-from store.reader import RunStore
-from store.errors import StoreNotFound
-url, caps, flag = {url!r}, {caps!r}, {flag!r}
-full_of = {{step: full for _, step, full in caps}}
-t0 = time.monotonic()
-while True:
-    try:
-        rs = RunStore(url)
-        open(flag, "w").close()
-        break
-    except StoreNotFound:
-        time.sleep(0.01)
-polls, verified, errors, counts, steps = 0, set(), [], [], []
-def verify(s):
-    assert rs.tiers()[s] == (["summary", "full"] if full_of[s] else ["summary"])
-    u.check_capture(rs, s, full_of[s])
-    verified.add(s)
-while time.monotonic() - t0 < 60:
-    try:
-        done = rs.status == "finished"
-        steps = rs.steps().tolist()
-        polls += 1
-        counts.append(len(steps))
-        assert steps == sorted(steps) and set(steps) <= set(full_of)
-        new = [s for s in steps if s not in verified]
-        for s in new[-1:]:          # the newest: most likely to race the writer
-            verify(s)
-        if steps:
-            st, v = rs.stat("blocks.0.hook_resid_post", "mean", neuron=2)
-            assert st.tolist()[:len(steps)] == steps   # a commit may land between reads
-            assert v.tolist() == [u.stats(s, "blocks.0.hook_resid_post")["mean"][2]
-                                  for s in st.tolist()]
-        m = rs.metrics("train")
-        assert np.array_equal(m["loss"], [u.loss(s) for s in m["step"]])
-        if done:
-            if steps and steps[-1] not in verified:
-                verify(steps[-1])
-            break
-        time.sleep(0.05)            # one S3 server serves both processes: leave it room
-    except Exception:
-        errors.append(traceback.format_exc(limit=3))
-        if len(errors) > 3:
-            break
-print(json.dumps(dict(polls=polls, verified=sorted(verified), errors=errors,
-                      distinct=len(set(counts)), final=steps)))
-"""
-
-
 def test_reader_polling_a_live_writer_on_s3_sees_only_complete_captures(s3, tmp_path):
     url, flag = _url("live"), str(tmp_path / "reader-open")
     steps = [3 * i + 1 for i in range(6)]
     caps = [[slot, step, slot % 3 != 1] for slot, step in enumerate(steps)]
-    reader = u.run_py(READER.format(url=url, caps=caps, flag=flag), stdout=subprocess.PIPE,
+    reader = u.run_py(u.LIVE_READER.format(url=url, caps=caps, flag=flag, newest=1,
+                                          verify_all=False, pause=0.05), stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
-    writer = u.run_py(WRITER.format(url=url, caps=caps, flag=flag), stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE)
+    writer = u.run_py(u.LIVE_WRITER.format(url=url, caps=caps, max_steps=40, flag=flag),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _, w_err = writer.communicate(timeout=90)
         assert writer.returncode == 0, w_err

@@ -350,3 +350,86 @@ def check_against_doc(url, lay, C: int = SLOT_BLOCK) -> None:
                                               "configuration": {"separator": "."}}
         assert meta["dimension_names"] == row["dims"], path
         assert a.attrs["meaning"] and a.attrs["written_by"]
+
+
+# A writer process (two ranks' writers) and a reader process polling the same store: the
+# reader must only ever see complete captures. Filled in with str.format: url, caps [(slot,
+# step, full)], max_steps, flag (a file the reader makes once it has the store open: the
+# writer starts then), newest (captures checked in full per poll), verify_all (every
+# capture checked in full at the end, else the last), pause (seconds between polls).
+LIVE_WRITER = """
+import os, time, numpy as np, store_util as u
+from store.schema import FULL, SUMMARY
+from store.writer import StoreWriter
+url, caps, max_steps, flag = {url!r}, {caps!r}, {max_steps!r}, {flag!r}
+w0 = StoreWriter.create_or_open(url, u.layout(max_steps=max_steps))
+w1 = StoreWriter.open(url)
+w0.set_status("training")
+t0 = time.monotonic()
+while not os.path.exists(flag) and time.monotonic() - t0 < 30:
+    time.sleep(0.005)               # the reader has the store open: captures start now
+for slot, step, full in caps:
+    w0.reserve(slot)                # grows every array at slot 1024, the reader polling
+    for rank, w in enumerate((w0, w1)):
+        u.write_part(w, slot, step, rank, 2, pause=0.004, full=full)  # readers poll mid-capture
+    while not w0.all_done(slot):
+        time.sleep(0.001)
+    w0.commit(slot, step, SUMMARY | FULL if full else SUMMARY)
+    w0.write_metrics("train", np.arange(max(1, step - 2), step + 1),
+                     {{"loss": np.array([u.loss(s) for s in range(max(1, step - 2), step + 1)],
+                                        np.float32)}})
+w0.set_status("finished")
+"""
+
+LIVE_READER = """
+import json, time, traceback, numpy as np, store_util as u
+from store.reader import RunStore
+from store.errors import StoreNotFound
+url, caps, flag = {url!r}, {caps!r}, {flag!r}
+full_of = {{step: full for _, step, full in caps}}
+t0 = time.monotonic()
+while True:
+    try:
+        rs = RunStore(url)
+        open(flag, "w").close()
+        break
+    except StoreNotFound:
+        time.sleep(0.005)
+polls, verified, seen, errors, counts, last = 0, set(), set(), [], [], None
+def verify(s):
+    assert rs.tiers()[s] == (["summary", "full"] if full_of[s] else ["summary"])
+    u.check_capture(rs, s, full_of[s])
+    verified.add(s)
+while time.monotonic() - t0 < 60:
+    try:
+        done = rs.status == "finished"
+        steps = rs.steps().tolist()
+        polls += 1
+        counts.append(len(steps))
+        assert steps == sorted(steps) and set(steps) <= set(full_of)
+        new = [s for s in steps if s not in verified]
+        for s in new[-{newest}:]:  # the newest: most likely to race the writer
+            verify(s)
+        if steps:
+            st, v = rs.stat("blocks.0.hook_resid_post", "mean", neuron=2)
+            assert st.tolist()[:len(steps)] == steps   # a commit may land between reads
+            assert v.tolist() == [u.stats(s, "blocks.0.hook_resid_post")["mean"][2]
+                                  for s in st.tolist()]
+            full = rs.steps("full").tolist()
+            assert set(full) <= {{s for s in full_of if full_of[s]}}
+        m = rs.metrics("train")
+        assert np.array_equal(m["loss"], [u.loss(s) for s in m["step"]])
+        if done:
+            for s in (steps if {verify_all} else steps[-1:]):
+                if s not in verified:
+                    verify(s)
+            last = int(m["step"][-1])
+            break
+        time.sleep({pause})         # a remote store serves both processes: leave it room
+    except Exception:
+        errors.append(traceback.format_exc(limit=3))
+        if len(errors) > 3:
+            break
+print(json.dumps(dict(polls=polls, verified=sorted(verified), errors=errors,
+                      distinct=len(set(counts)), final=steps, last_metric=last)))
+"""

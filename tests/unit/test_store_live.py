@@ -22,88 +22,13 @@ N = 24
 STEPS = [3 * i + 1 for i in range(N)]
 SUMMARY_ONLY = set(STEPS[1::3])  # every third capture keeps no activations
 
-WRITER = """
-import os, time, numpy as np, store_util as u
-from store.schema import FULL, SUMMARY
-from store.writer import StoreWriter
-url, caps, max_steps = {url!r}, {caps!r}, {max_steps!r}
-w0 = StoreWriter.create_or_open(url, u.layout(max_steps=max_steps))
-w1 = StoreWriter.open(url)
-w0.set_status("training")
-t0 = time.monotonic()
-while not os.path.exists(url + ".reader") and time.monotonic() - t0 < 30:
-    time.sleep(0.005)               # the reader has the store open: captures start now
-for slot, step, full in caps:
-    w0.reserve(slot)                # grows every array at slot 1024, the reader polling
-    for rank, w in enumerate((w0, w1)):
-        u.write_part(w, slot, step, rank, 2, pause=0.004, full=full)  # readers poll mid-capture
-    while not w0.all_done(slot):
-        time.sleep(0.001)
-    w0.commit(slot, step, SUMMARY | FULL if full else SUMMARY)
-    w0.write_metrics("train", np.arange(max(1, step - 2), step + 1),
-                     {{"loss": np.array([u.loss(s) for s in range(max(1, step - 2), step + 1)],
-                                        np.float32)}})
-w0.set_status("finished")
-"""
-
-READER = """
-import json, time, traceback, numpy as np, store_util as u
-from store.reader import RunStore
-from store.errors import StoreNotFound
-url, caps = {url!r}, {caps!r}
-full_of = {{step: full for _, step, full in caps}}
-t0 = time.monotonic()
-while True:
-    try:
-        rs = RunStore(url)
-        open(url + ".reader", "w").close()
-        break
-    except StoreNotFound:
-        time.sleep(0.005)
-polls, verified, seen, errors, counts, last = 0, set(), set(), [], [], None
-def verify(s):
-    assert rs.tiers()[s] == (["summary", "full"] if full_of[s] else ["summary"])
-    u.check_capture(rs, s, full_of[s])
-    verified.add(s)
-while time.monotonic() - t0 < 60:
-    try:
-        done = rs.status == "finished"
-        steps = rs.steps().tolist()
-        polls += 1
-        counts.append(len(steps))
-        assert steps == sorted(steps) and set(steps) <= set(full_of)
-        new = [s for s in steps if s not in verified]
-        for s in new[-2:]:          # the newest: most likely to race the writer
-            verify(s)
-        if steps:
-            st, v = rs.stat("blocks.0.hook_resid_post", "mean", neuron=2)
-            assert st.tolist()[:len(steps)] == steps   # a commit may land between reads
-            assert v.tolist() == [u.stats(s, "blocks.0.hook_resid_post")["mean"][2]
-                                  for s in st.tolist()]
-            full = rs.steps("full").tolist()
-            assert set(full) <= {{s for s in full_of if full_of[s]}}
-        m = rs.metrics("train")
-        assert np.array_equal(m["loss"], [u.loss(s) for s in m["step"]])
-        if done:
-            for s in steps:
-                if s not in verified:
-                    verify(s)
-            last = int(m["step"][-1])
-            break
-    except Exception:
-        errors.append(traceback.format_exc(limit=3))
-        if len(errors) > 3:
-            break
-print(json.dumps(dict(polls=polls, verified=sorted(verified), errors=errors,
-                      distinct=len(set(counts)), final=steps, last_metric=last)))
-"""
-
-
 def _live(tmp_path, caps: list, max_steps: int) -> dict:
     url = str(tmp_path / "capture.zarr")
-    reader = u.run_py(READER.format(url=url, caps=caps), stdout=subprocess.PIPE,
+    reader = u.run_py(u.LIVE_READER.format(url=url, caps=caps, flag=url + ".reader", newest=2,
+                                          verify_all=True, pause=0), stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
-    writer = u.run_py(WRITER.format(url=url, caps=caps, max_steps=max_steps),
+    writer = u.run_py(u.LIVE_WRITER.format(url=url, caps=caps, max_steps=max_steps,
+                                          flag=url + ".reader"),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     w_out, w_err = writer.communicate(timeout=90)
     assert writer.returncode == 0, w_err
