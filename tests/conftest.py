@@ -30,9 +30,9 @@ def shakespeare_data(shared, tmp_path_factory) -> Path:
     return out
 
 
-# Modules that mostly wait (test_slurm.py: SLURM's scheduler, a requeued job's ~40 s): they
+# Modules that mostly wait (SLURM's scheduler, a requeued job's ~40 s): they
 # run first, while the integration tests' trainings run ahead beside them (runs_ahead).
-RUN_FIRST = ["test_slurm.py"]
+RUN_FIRST = ["test_slurm.py", "test_slurm_multinode.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):

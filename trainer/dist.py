@@ -9,6 +9,7 @@ no FSDP.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -96,6 +97,17 @@ def init(device: str = "auto", cpu_offload: bool = False) -> DistInfo:
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(rank, world, local_rank, local_world, dev, distributed=True)
+
+
+def rank_hosts(info: DistInfo) -> list[str]:
+    """Every rank's host name, in rank order: a collective every rank must reach (and so a
+    barrier). Where each rank runs, for the run's log and status file."""
+    host = socket.gethostname()
+    if not info.distributed:
+        return [host]
+    hosts: list = [None] * info.world
+    dist.all_gather_object(hosts, host)
+    return hosts
 
 
 def shutdown(info: DistInfo) -> None:

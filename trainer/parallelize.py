@@ -16,16 +16,36 @@ from trainer.dist import DistInfo
 from trainer.model import GPT
 
 
+def shard_group_size(pcfg: ParallelConfig, info: DistInfo) -> int:
+    """Ranks that hold one copy of the weights between them: all of them for full/grad;
+    one for 'none' (HSDP with shard groups of one: every rank holds all weights, DDP
+    semantics); for hybrid, shard_size or the ranks of one node, so parameters are
+    all-gathered within a node and only gradients cross between nodes."""
+    if pcfg.sharding in ("full", "grad"):
+        return info.world
+    return 1 if pcfg.sharding == "none" else (pcfg.shard_size or info.local_world)
+
+
 def device_mesh(pcfg: ParallelConfig, info: DistInfo):
-    """1-D mesh for full/grad sharding; 2-D (replicate, shard) for none/hybrid.
-    'none' is HSDP with shard groups of one: every rank holds all weights (DDP semantics)."""
+    """1-D mesh for full/grad sharding; 2-D (replicate, shard) for none/hybrid. The shard
+    groups are runs of consecutive ranks, which torchrun puts on one node."""
     dev = info.device.type
     if pcfg.sharding in ("full", "grad"):
         return init_device_mesh(dev, (info.world,), mesh_dim_names=("shard",))
-    shard = 1 if pcfg.sharding == "none" else (pcfg.shard_size or info.local_world)
+    shard = shard_group_size(pcfg, info)
     return init_device_mesh(
         dev, (info.world // shard, shard), mesh_dim_names=("replicate", "shard")
     )
+
+
+def describe_groups(pcfg: ParallelConfig, info: DistInfo, hosts: list[str]) -> str:
+    """The shard groups and the hosts they run on, for the run's log: a group that spans
+    hosts all-gathers parameters between nodes at every block."""
+    shard = shard_group_size(pcfg, info)
+    groups = [list(range(g, g + shard)) for g in range(0, info.world, shard)]
+    parts = [f"ranks {g[0]}-{g[-1]} on {'+'.join(dict.fromkeys(hosts[r] for r in g))}"
+             if len(g) > 1 else f"rank {g[0]} on {hosts[g[0]]}" for g in groups]
+    return f"{len(groups)} shard group(s) of {shard}: " + ", ".join(parts)
 
 
 def check_parallel(pcfg: ParallelConfig, info: DistInfo) -> None:

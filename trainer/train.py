@@ -30,7 +30,7 @@ from trainer.evaluate import maybe_eval
 from trainer.metrics import MetricsLogger, graphs_compiled, peak_flops, plot_loss
 from trainer.model import GPT
 from trainer.optim import build_optimizer, lr_at, set_lr
-from trainer.parallelize import check_parallel, parallelize
+from trainer.parallelize import check_parallel, describe_groups, parallelize
 
 
 class TrainingDiverged(Exception):
@@ -269,10 +269,11 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
     check_parallel(cfg.parallel, info)
     # the capture's settings, its plan against the budget, the store it appends to
     prep = capture_setup.prepare(cfg, info.world)
-    tdist.barrier(info)
+    # A collective, so also the barrier: every rank has checked before rank 0 writes.
+    hosts = tdist.rank_hosts(info)
     if is_main:
         write_config(cfg)
-        write_status(cfg.run_dir, "running", None, cfg.train.max_steps)
+        write_status(cfg.run_dir, "running", None, cfg.train.max_steps, hosts=hosts)
 
     model = build_model(cfg, info)
     optimizer = build_optimizer(model, cfg.optim, info.device)
@@ -291,7 +292,7 @@ def setup(cfg: RunConfig, info: tdist.DistInfo, resume: bool) -> Run:
         elif is_main:
             print(f"--resume: no checkpoint in {cfg.run_dir} yet; starting at step 0")
     if is_main:
-        _print_plan(cfg, info, accum)
+        _print_plan(cfg, info, accum, hosts)
         if prep is not None:
             print(capture_setup.format_plan(prep.plan), flush=True)
     capturer = capture_setup.make_capturer(cfg, info, prep, resume_step=start_from)
@@ -340,19 +341,25 @@ def write_status(run_dir: str, status: str, step: int | None, max_steps: int,
                  **extra) -> None:
     """RUN_DIR/status.json: running, then finished, stopped (on a signal, resumable) or
     failed. Launch scripts read it to decide on a requeue; a run killed outright leaves
-    "running"."""
+    "running". The ranks' hosts, written with "running", are kept by the later writes."""
+    hosts = _read_status(run_dir).get("hosts") if status != "running" else None
     rec = {"status": status, "step": step, "max_steps": max_steps, "time": time.time(),
-           **scheduler_job(), **extra}
+           **scheduler_job(), **({"hosts": hosts} if hosts else {}), **extra}
     tmp = Path(run_dir) / "status.json.tmp"
     tmp.write_text(json.dumps(rec) + "\n")
     tmp.replace(Path(run_dir) / "status.json")
 
 
-def _status_of(run_dir: str) -> str | None:
+def _read_status(run_dir: str) -> dict:
     try:
-        return json.loads((Path(run_dir) / "status.json").read_text())["status"]
-    except (OSError, ValueError, KeyError):
-        return None
+        rec = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def _status_of(run_dir: str) -> str | None:
+    return _read_status(run_dir).get("status")
 
 
 def scheduler_job() -> dict:
@@ -385,12 +392,13 @@ def _tokenizer(cfg: RunConfig, manifest: dict, is_main: bool):
         return None
 
 
-def _print_plan(cfg: RunConfig, info: tdist.DistInfo, accum: int) -> None:
+def _print_plan(cfg: RunConfig, info: tdist.DistInfo, accum: int, hosts: list[str]) -> None:
     n = cfg.model.num_params()
+    groups = f" ({describe_groups(cfg.parallel, info, hosts)})" if info.distributed else ""
     print(
         f"model: {_shape(cfg.model)} ({n / 1e6:.2f}M parameters)\n"
         f"world {info.world} on {info.device.type} | sharding "
-        f"{cfg.parallel.sharding if info.distributed else 'single process'} "
+        f"{cfg.parallel.sharding + groups if info.distributed else 'single process'} "
         f"| dtype {cfg.train.dtype} | {cfg.train.global_batch_tokens:,} tokens/step = "
         f"{cfg.train.micro_batch_size} seqs x {cfg.seq_len} tokens x {info.world} ranks x "
         f"{accum} accumulation steps\n"

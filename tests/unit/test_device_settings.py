@@ -48,3 +48,20 @@ def test_more_local_ranks_than_gpus_is_one_clear_line(monkeypatch):
     assert "\n" not in msg and "2 local ranks but only 1 GPU" in msg
     assert "--nproc_per_node=1" in msg and "--parallel.device=cpu" in msg
     assert tdist.pick_device("cuda", local_rank=0, local_world=1) == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("sharding,shard_size,want", [
+    ("hybrid", 0, "2 shard group(s) of 2: ranks 0-1 on n0, ranks 2-3 on n1"),
+    ("hybrid", 4, "1 shard group(s) of 4: ranks 0-3 on n0+n1"),  # crosses nodes: said so
+    ("full", 0, "1 shard group(s) of 4: ranks 0-3 on n0+n1"),
+    ("none", 0, "4 shard group(s) of 1: rank 0 on n0, rank 1 on n0, rank 2 on n1, rank 3 on n1"),
+])
+def test_shard_groups_and_their_hosts(sharding, shard_size, want):
+    """Hybrid sharding's groups default to one node's ranks (torchrun numbers a node's
+    ranks consecutively), which the run's log shows with the hosts."""
+    from trainer.config import ParallelConfig
+    from trainer.parallelize import describe_groups
+
+    info = tdist.DistInfo(rank=0, world=4, local_rank=0, local_world=2, distributed=True)
+    pcfg = ParallelConfig(sharding=sharding, shard_size=shard_size)
+    assert describe_groups(pcfg, info, ["n0", "n0", "n1", "n1"]) == want
