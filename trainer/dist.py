@@ -99,6 +99,17 @@ def init(device: str = "auto", cpu_offload: bool = False) -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, dev, distributed=True)
 
 
+# What a collective raises when a peer process is gone (gloo's TCP pairs; NCCL's watchdog).
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "remote process exited")
+
+
+def lost_peer(e: BaseException) -> str:
+    """The part of `e`'s message saying a peer rank is gone ('' if it says nothing of it)."""
+    msg = str(e)
+    return next((m for m in LOST_PEER if m in msg), "")
+
+
 def rank_hosts(info: DistInfo) -> list[str]:
     """Every rank's host name, in rank order: a collective every rank must reach (and so a
     barrier). Where each rank runs, for the run's log and status file."""

@@ -250,6 +250,10 @@ def test_lost_node_fails_the_job_cleanly_and_a_resubmission_resumes(cluster2, jo
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log
     assert info["ExitCode"] != "0:0"
     assert "the trainer failed" in log
+    # The surviving ranks say what happened in one line each, and what to do.
+    lost = [line for line in log.splitlines() if "lost contact with another rank" in line]
+    assert lost and all(line.startswith("error: rank ") and "resubmit with --resume" in line
+                        for line in lost), log
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] in ("failed", "running"), status
     latest = checkpoint.latest_step(run_dir)
