@@ -4,6 +4,7 @@
 #
 #   slurm/local_cluster.sh install            apt-get install the packages (skipped if present)
 #   slurm/local_cluster.sh start [--nodes N]  write DIR/slurm.conf, start munged, slurmctld, slurmd(s)
+#                                             (on a cluster that is up: restart a node's dead slurmd)
 #   slurm/local_cluster.sh stop               stop the daemons; remove the nodes' namespaces and links
 #   slurm/local_cluster.sh status             daemons, namespaces, links and node state
 #   slurm/local_cluster.sh env                the line to eval so sbatch/squeue find this cluster
@@ -22,7 +23,8 @@
 #
 # Settings (environment): SLURM_LOCAL_DIR (default /tmp/slurm-local) holds the config,
 # state, spool and logs; SLURM_LOCAL_CPUS (default: all online CPUs); SLURM_LOCAL_PORT (default
-# 6817, slurmd takes the next port); SLURM_LOCAL_NODES (default 1; --nodes wins);
+# 6817, slurmd takes the next port); SLURM_LOCAL_SLURMD_TIMEOUT (default 300 s: how long a
+# node may not answer before it is DOWN); SLURM_LOCAL_NODES (default 1; --nodes wins);
 # SLURM_LOCAL_NAME (default slocal, at most 10 characters: the namespaces' and links' prefix);
 # SLURM_LOCAL_SUBNET (default 10.250.0, the first three octets of the nodes' /24).
 set -euo pipefail
@@ -97,6 +99,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=1800
 KillWait=30
+# How long a node may not answer before it is DOWN and its jobs fail (NODE_FAIL) or requeue.
+SlurmdTimeout=${SLURM_LOCAL_SLURMD_TIMEOUT:-300}
 # The nodes' CPUs are what this file says (SLURM_LOCAL_CPUS may offer more than there are).
 SlurmdParameters=config_overrides
 EOF
@@ -196,10 +200,19 @@ start() {
     command -v slurmctld >/dev/null || die "SLURM is not installed: run '$0 install' first"
     [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive number, got '$NODES'"
     if pid_alive "$DIR/slurmctld.pid"; then
-        local n all=1
-        for n in $(node_names); do pid_alive "$DIR/slurmd-$n.pid" || all=0; done
-        ((all)) && { wait_idle; return 0; }
-        die "the cluster in $DIR is half up: run '$0 stop' first"
+        # Up already: bring back a node whose slurmd died (a node "lost" and back).
+        local i
+        export SLURM_CONF=$CONF
+        for ((i = 0; i < NODES; i++)); do
+            if ((NODES == 1)); then
+                pid_alive "$DIR/slurmd-$HOST.pid" || slurmd -f "$CONF"
+            elif ! pid_alive "$DIR/slurmd-node$i.pid"; then
+                [[ -e /run/netns/$(netns_of "$i") ]] || die "node$i's namespace is gone: run '$0 stop', then start"
+                in_node "$i" slurmd -f "$CONF" -N "node$i"
+            fi
+        done
+        wait_idle
+        return 0
     fi
     if ((NODES > 1)); then start_nodes; return 0; fi
     write_conf
@@ -218,7 +231,7 @@ start_nodes() {
     trap 'undo_made' EXIT
     make_nodes
     mkdir -p "$DIR"
-    printf 'NODES=%s\nNAME=%s\nSUBNET=%s\n' "$NODES" "$NAME" "$SUBNET" >"$DIR/cluster.env"
+    printf 'NODES=%s\nNAME=%s\nSUBNET=%s\nCPUS=%s\n' "$NODES" "$NAME" "$SUBNET" "$CPUS" >"$DIR/cluster.env"
     MADE+=("rm -f $DIR/cluster.env")
     write_conf
     start_munge
@@ -239,7 +252,8 @@ wait_idle() {
     want=$(node_names | wc -l)
     for _ in $(seq 150); do
         states=$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u || true)
-        if [[ $(grep -cE ' (idle|mix|alloc)$' <<<"$states") == "$want" ]]; then
+        # Up and answering (a trailing * is a node not responding); "comp": a job ending.
+        if [[ $(grep -cE ' (idle|mix|alloc|comp)$' <<<"$states") == "$want" ]]; then
             echo "local cluster up: $NODES node(s) ($(node_names | paste -sd, -)), $CPUS CPUs each," \
                  "SLURM_CONF=$CONF"
             return 0

@@ -10,6 +10,7 @@ after a start that failed half way."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import pytest
 import zarr
 
 from helpers import TINY, losses, read_metrics
-from slurm_env import (check_whole_run, cluster_tool, expected_captures, sbatch,
+from slurm_env import (DONE, check_whole_run, cluster_tool, expected_captures, job, sbatch,
                        signal_batch, start_cluster, wait_done)
 from store.reader import RunStore
 from trainer import checkpoint
@@ -35,10 +36,11 @@ STEPS = 12
 NAME, SUBNET = "pytmn", "10.250.0"  # the namespaces' and links' prefix; the nodes' /24
 # 2 nodes x 2 ranks, and 1 node x 2 ranks with the same global batch (512 tokens: 4 ranks
 # x 4 sequences x 32 tokens in one round, or 2 ranks in two accumulation rounds).
-TWO_NODES = ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
-             "--time=15"]
-ONE_NODE = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
-            "--time=15"]
+CPU_JOB = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=15"]
+# The cluster has 3 nodes: node2 goes down in one test, and only that test's job runs there.
+TWO_NODES = ["--nodes=2", "--nodelist=node[0-1]", *CPU_JOB]
+ONE_NODE = ["--nodes=1", "--nodelist=node0", *CPU_JOB]
+ON_NODE2 = ["--nodes=2", "--nodelist=node[0,2]", *CPU_JOB]
 
 
 def job_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -93,7 +95,8 @@ class AtStep(threading.Thread):
             self.error = e
 
     def check(self) -> None:
-        self.join(timeout=420)
+        self.join(timeout=600)
+        assert not self.is_alive(), f"still waiting on {self.run_dir}"
         if self.error is not None:
             raise self.error
 
@@ -119,14 +122,25 @@ def kill_job_on_node(jid: str, node: int) -> list[str]:
     return killed
 
 
+def kill_node(node: int) -> None:
+    """kill -9 everything that runs in node `node`, slurmd included: the node is down."""
+    pids = subprocess.run(["ip", "netns", "pids", f"{NAME}-node{node}"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    assert pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def cluster2(tmp_path_factory):
-    """A two-node cluster of its own; each node offers 8 CPUs (the machine's two, shared),
-    so the module's four jobs run at the same time."""
+    """A three-node cluster of its own; each node offers 16 CPUs (the machine's two,
+    shared), so the module's jobs run at the same time. A node that does not answer for
+    15 s is DOWN (SLURM's default is 300 s)."""
     d = tmp_path_factory.mktemp("slurm2")
-    settings = dict(dir=d, name=NAME, subnet=SUBNET, cpus=8)
+    settings = dict(dir=d, name=NAME, subnet=SUBNET, cpus=16, slurmd_timeout=15)
     try:
-        yield start_cluster("--nodes", "2", **settings)
+        yield start_cluster("--nodes", "3", **settings)
     finally:
         cluster_tool("stop", **settings)
 
@@ -134,20 +148,52 @@ def cluster2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def jobs(cluster2, shakespeare_data, tmp_path_factory):
     """The module's jobs, submitted together: an uninterrupted 2-node job (the reference),
-    a 1-node job of the same global batch, a 2-node job USR2-signalled at step 5, and a
-    2-node job whose second node's processes are killed at step 5."""
+    a 1-node job of the same global batch, a 2-node job USR2-signalled at step 5, a 2-node
+    job whose second node's processes are killed at step 5, and a 2-node job whose second
+    node (node2) goes down at step 5."""
     root = tmp_path_factory.mktemp("jobs")
     hybrid = "--parallel.sharding=hybrid"
-    runs = {name: root / name for name in ("ref", "one", "usr2", "lost")}
+    opts = {"ref": TWO_NODES, "one": ONE_NODE, "usr2": TWO_NODES, "lost": TWO_NODES,
+            "down": ON_NODE2}
+    runs = {name: root / name for name in opts}
     args = {k: job_args(shakespeare_data, runs[k], *([] if k == "one" else [hybrid]))
             for k in runs}
-    jids = {k: sbatch(cluster2, root, k, ONE_NODE if k == "one" else TWO_NODES, args[k])
-            for k in runs}
+    jids = {k: sbatch(cluster2, root, k, opts[k], args[k]) for k in runs}
+    resubmitted: dict[str, tuple[str, dict]] = {}
+
+    def lose_node_then_resubmit() -> None:
+        """node1's part of the job killed; once the job has failed (as it should: checked
+        by the test), the resubmission with --resume (the test checks how that went)."""
+        kill_job_on_node(jids["lost"], 1)
+        first = wait_done(cluster2, jids["lost"])
+        run_dir = runs["lost"]
+        left = {"latest": checkpoint.latest_step(run_dir),
+                "status": json.loads((run_dir / "status.json").read_text())["status"],
+                "committed": RunStore(run_dir / "capture.zarr").steps().tolist(),
+                "expected": expected_captures(run_dir)}
+        jid = sbatch(cluster2, root, "lost", TWO_NODES, [*args["lost"], "--resume"])
+        resubmitted["lost"] = (jid, first, left)
+
+    def take_node_down_then_back() -> None:
+        """node2 down; once SLURM has requeued the job, node2 back."""
+        kill_node(2)
+        t0 = time.time()
+        while (info := job(cluster2, jids["down"]))["Restarts"] == "0":
+            assert info["JobState"] not in DONE, f"not requeued: {info['JobState']}"
+            assert time.time() - t0 < 180, f"not requeued: {info['JobState']}"
+            time.sleep(1)
+        r = cluster_tool("start", **cluster2["settings"])  # restarts node2's slurmd
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    # Each acts at step 5 of its job, in a thread, while the other jobs run: the tests
+    # then only check.
     watchers = {
         "usr2": AtStep(runs["usr2"], 5, lambda: signal_batch(cluster2, jids["usr2"])),
-        "lost": AtStep(runs["lost"], 5, lambda: kill_job_on_node(jids["lost"], 1)),
+        "lost": AtStep(runs["lost"], 5, lose_node_then_resubmit),
+        "down": AtStep(runs["down"], 5, take_node_down_then_back),
     }
-    return {"root": root, "runs": runs, "jids": jids, "watchers": watchers, "args": args}
+    return {"root": root, "runs": runs, "jids": jids, "watchers": watchers, "args": args,
+            "resubmitted": resubmitted}
 
 
 def finished(cluster2, jobs, name: str) -> tuple[dict, Path, str]:
@@ -246,7 +292,9 @@ def test_lost_node_fails_the_job_cleanly_and_a_resubmission_resumes(cluster2, jo
     cannot tell a lost node from a bug), and resubmitting with --resume continues from the
     last complete checkpoint into the same store."""
     jobs["watchers"]["lost"].check()
-    info, run_dir, log = finished(cluster2, jobs, "lost")
+    jid, info, left = jobs["resubmitted"]["lost"]
+    run_dir = jobs["runs"]["lost"]
+    log = (run_dir / "logs" / f"lost-{jobs['jids']['lost']}.out").read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log
     assert info["ExitCode"] != "0:0"
     assert "the trainer failed" in log
@@ -254,21 +302,36 @@ def test_lost_node_fails_the_job_cleanly_and_a_resubmission_resumes(cluster2, jo
     lost = [line for line in log.splitlines() if "lost contact with another rank" in line]
     assert lost and all(line.startswith("error: rank ") and "resubmit with --resume" in line
                         for line in lost), log
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] in ("failed", "running"), status
-    latest = checkpoint.latest_step(run_dir)
-    assert latest is not None and latest < STEPS
-    assert (checkpoint.step_dir(str(run_dir), latest) / "meta.json").is_file()
-    # Only whole captures are visible: each one every rank marked done.
-    committed = RunStore(run_dir / "capture.zarr").steps().tolist()
-    assert committed == [s for s in expected_captures(run_dir) if s in committed]
-    assert (done_flags(run_dir)[: len(committed)] == 1).all()
+    # What the failed job left, seen before the resubmission: the last complete checkpoint
+    # (the one the ranks named), and only whole captures of the schedule.
+    stopped = re.search(r"The last complete checkpoint is step (\d+)", log)
+    latest = left["latest"]
+    assert stopped and int(stopped[1]) == latest and 3 <= latest < STEPS, log
+    assert left["status"] in ("failed", "running"), left
+    committed = left["committed"]
+    assert committed == [s for s in left["expected"] if s in committed] and committed
 
-    jid = sbatch(cluster2, jobs["root"], "lost", TWO_NODES, [*jobs["args"]["lost"], "--resume"])
     info = wait_done(cluster2, jid)
     log = (run_dir / "logs" / f"lost-{jid}.out").read_text()
     assert info["JobState"] == "COMPLETED", log
     assert f"resumed from step {latest}" in log
+    committed = RunStore(run_dir / "capture.zarr").steps().tolist()
+    assert (done_flags(run_dir)[: len(committed)] == 1).all()
+    check_whole_run(run_dir, STEPS)
+    _, ref, _ = finished(cluster2, jobs, "ref")
+    assert losses(run_dir) == losses(ref)
+
+
+def test_node_down_requeues_and_resumes_when_it_is_back(cluster2, jobs):
+    """Documented (README): a node that goes down altogether (slurmd too) is marked DOWN
+    after SlurmdTimeout; SLURM requeues the job (NODE_FAIL, --requeue), which waits for
+    nodes, starts again once the node is back (local_cluster.sh start restarts its slurmd)
+    and resumes from the last complete checkpoint, with the same losses."""
+    jobs["watchers"]["down"].check()
+    info, run_dir, log = finished(cluster2, jobs, "down")
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    assert "DUE TO NODE FAILURE" in log and "restart 1 (SLURM_RESTART_COUNT" in log
+    assert re.search(r"resumed from step [1-9]", log), log
     check_whole_run(run_dir, STEPS)
     _, ref, _ = finished(cluster2, jobs, "ref")
     assert losses(run_dir) == losses(ref)
