@@ -13,22 +13,44 @@
 # Logs: SLURM opens the job's output before this script runs and cannot create folders,
 # so it starts in %x-%j.out in the submit dir; as soon as the run dir is known the log
 # moves to RUN_DIR/logs/%x-%j.out (appended to on every requeue) and the first file keeps
-# one line pointing there. A --output of your own is left alone.
+# one line pointing there. A --output of your own is left alone. Under PBS the live log is
+# RUN_DIR/logs/NAME-ID.out with the first job's ID: every resubmitted job appends to it.
 #
 # Time limits and preemption: SLURM sends SIGUSR2 to this shell 300 s before the limit
 # (--signal=B:USR2@300; USR2 because NCCL may use USR1). It is passed to every rank, the
 # ranks agree to stop at the next step boundary, save a checkpoint and exit 0, and the job
 # requeues itself (scontrol requeue) at most MAX_REQUEUES times. The rerun appends to the
 # same log and resumes from the latest checkpoint into the same run dir and capture store.
-# A preempting SIGTERM reaches the ranks directly (torchrun passes it on too) and they
-# checkpoint the same way; requeueing is then up to the cluster's PreemptMode.
+# A preempting SIGTERM (GraceTime) reaches torchrun and the ranks together; the ranks
+# checkpoint the same way. torchrun passes it on and then kills its ranks SAVE_TIMEOUT
+# seconds later (torchrun --shutdown-timeout; torch's own default, 30 s, would cut a longer
+# save short): the default, 300, is the margin --signal=B:USR2@300 gives a time-limit stop,
+# so a save that fits one fits the other (raise both together). The cluster's GraceTime
+# still caps it. torchrun exits 1 after such a stop, with a SignalException traceback, even
+# though its ranks exited 0: the run's status.json decides. Requeueing is then up to the
+# cluster's PreemptMode (exit 3 here). (torchrun stops the other ranks the same way when
+# one crashes: a rank stuck in a collective then holds a failed job up to SAVE_TIMEOUT.)
 #
-# Exit status: 0 finished or requeued; 2 bad arguments; 3 stopped with a checkpoint but not
-# requeued (cap reached, or stopped by someone else); otherwise the trainer's failure.
+# PBS: at the walltime PBS sends SIGTERM; the ranks stop at a checkpoint the same way and
+# the job resubmits itself with qsub (--resume, the same name and queue), at most
+# MAX_REQUEUES times; the count travels in qsub -v REQUEUE_COUNT, as do TRAIN_ARGS and the
+# settings below that the job was given (all of its environment, where #PBS -V is
+# honoured). (qrerun would keep the job id, but needs operator or manager rights on most
+# PBS sites.) Resources given on the first qsub's command line (-l select=..., -A project)
+# are not visible to the job: put them in QSUB_ARGS as well. qdel sends the same SIGTERM,
+# so a job you qdel checkpoints and resubmits itself once more: qdel the new one too (it
+# is queued), or submit with MAX_REQUEUES=0.
+#
+# Exit status: 0 finished, requeued or resubmitted; 2 bad arguments; 3 stopped with a
+# checkpoint but not requeued (cap reached, or stopped by someone else); otherwise the
+# trainer's failure.
 #
 # Environment: VENV (a virtualenv to activate), PYTHON, TORCHRUN, NPROC_PER_NODE (ranks per
-# node), MAX_REQUEUES (default 20), RDZV_PORT (default 29500 + job id % 1000),
-# OMP_NUM_THREADS (default: the node's CPUs / ranks per node), TRAIN_ARGS.
+# node), MAX_REQUEUES (default 20), SAVE_TIMEOUT (seconds, default 300), RDZV_PORT (default
+# 29500 + job id % 1000), OMP_NUM_THREADS (default: the node's CPUs / ranks per node),
+# TRAIN_ARGS; PBS: QSUB_ARGS (extra qsub options for the resubmission, split on spaces).
+# REQUEUE_COUNT and FIRST_JOB_ID are the PBS resubmission's own (which requeue this is, and
+# whose log to append to).
 # (--ignore-pbs: sbatch would otherwise also read the #PBS lines below.)
 # NCCL on GPU clusters: NCCL_SOCKET_IFNAME (the interface between nodes, e.g. ib0 or
 # eth0), NCCL_IB_HCA (which InfiniBand adapters), NCCL_DEBUG=INFO (to see the transport
@@ -60,9 +82,11 @@ fail() { local code=$1; shift; log "error: $*"; exit "$code"; }
 
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
     SCHED=slurm JOB_ID=$SLURM_JOB_ID JOB_NAME=$SLURM_JOB_NAME SUBMIT_DIR=$SLURM_SUBMIT_DIR
+    FIRST_JOB_ID=$SLURM_JOB_ID  # a requeue keeps the job id
 elif [[ -n ${PBS_JOBID:-} ]]; then
     SCHED=pbs JOB_ID=${PBS_JOBID%%.*} JOB_NAME=${PBS_JOBNAME:-fsdp-capture}
     SUBMIT_DIR=${PBS_O_WORKDIR:-$PWD}
+    FIRST_JOB_ID=${FIRST_JOB_ID:-$JOB_ID}  # a resubmission gets a new id: set by the first
 else
     echo "fsdp_capture.sh is a batch script: submit it with 'sbatch slurm/fsdp_capture.sh ARGS'" \
          "(SLURM) or 'qsub slurm/fsdp_capture.sh' (PBS)" >&2
@@ -76,10 +100,21 @@ if [[ -n ${VENV:-} ]]; then
     # shellcheck disable=SC1091
     source "$VENV/bin/activate" || fail 2 "VENV=$VENV has no bin/activate"
 fi
+# What the job was given of this script's settings: a PBS resubmission passes it on.
+GIVEN=()
+for var in VENV PYTHON TORCHRUN NPROC_PER_NODE RDZV_PORT MPIEXEC MPIEXEC_ARGS QSUB_ARGS; do
+    [[ -n ${!var+set} ]] && GIVEN+=("$var")
+done
 PYTHON=${PYTHON:-python}
 TORCHRUN=${TORCHRUN:-torchrun}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
-RESTARTS=${SLURM_RESTART_COUNT:-0}
+SAVE_TIMEOUT=${SAVE_TIMEOUT:-300}
+# Checked here: bash arithmetic would read a typo as 0, or run it as an expression.
+for var in MAX_REQUEUES SAVE_TIMEOUT REQUEUE_COUNT; do
+    [[ ${!var:-0} =~ ^[0-9]+$ ]] || fail 2 "$var must be a whole number, not '${!var}'"
+done
+if [[ $SCHED == slurm ]]; then RESTARTS=${SLURM_RESTART_COUNT:-0}
+else RESTARTS=${REQUEUE_COUNT:-0}; fi
 
 # shellcheck disable=SC2206  # TRAIN_ARGS is split on spaces on purpose
 ARGS=(${TRAIN_ARGS:-} "$@")
@@ -93,7 +128,7 @@ RUN_DIR=$("$PYTHON" -m trainer --print-run-dir "${ARGS[@]}") ||
 mkdir -p "$RUN_DIR/logs" || fail 2 "cannot create $RUN_DIR/logs"
 
 move_log() {
-    local dest=$RUN_DIR/logs/$JOB_NAME-$JOB_ID.out cur
+    local dest=$RUN_DIR/logs/$JOB_NAME-$FIRST_JOB_ID.out cur
     if [[ $SCHED == pbs ]]; then  # PBS copies its own file back at the end; keep a live copy
         exec > >(tee -a "$dest") 2>&1
         return 0
@@ -131,6 +166,7 @@ export PYTHONUNBUFFERED=1
 
 RESTART_WORDS=""
 [[ $SCHED == slurm ]] && RESTART_WORDS=", restart $RESTARTS (SLURM_RESTART_COUNT; at most $MAX_REQUEUES requeues)"
+[[ $SCHED == pbs ]] && RESTART_WORDS=", resubmission $RESTARTS of job $FIRST_JOB_ID (REQUEUE_COUNT; at most $MAX_REQUEUES)"
 log "$SCHED job $JOB_ID ($JOB_NAME)$RESTART_WORDS: $NNODES node(s) x $NPROC_PER_NODE" \
     "rank(s), $GPUS GPU(s) per node, $OMP_NUM_THREADS thread(s) per rank, rendezvous" \
     "$HEAD:$PORT, run dir $RUN_DIR"
@@ -152,11 +188,14 @@ trap 'pass_on TERM' TERM
 
 if [[ $SCHED == slurm ]]; then
     # One torchrun per node. torchrun has no handler for USR1/USR2 and would die of them:
-    # it ignores them, and the ranks (which install their own handlers) get them.
+    # it ignores them, and the ranks (which install their own handlers) get them. A TERM
+    # (preemption) it passes on, then SIGKILLs the ranks --shutdown-timeout seconds later:
+    # SAVE_TIMEOUT, not torch's 30 s, so the checkpoint they are writing is not cut short.
     srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" \
         --kill-on-bad-exit=1 \
         bash -c 'trap "" USR1 USR2; exec "$@"' torchrun \
         "$TORCHRUN" --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" --max-restarts=0 \
+        --shutdown-timeout="$SAVE_TIMEOUT" \
         --rdzv-backend=c10d --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="$JOB_ID" \
         -m trainer "${ARGS[@]}" &
 else
@@ -168,6 +207,7 @@ else
         "$REPO/slurm/mpi_rank.sh" "$PYTHON" -m trainer "${ARGS[@]}" &
 fi
 LAUNCHER=$!
+LAUNCHED_AT=$(date +%s)  # a status.json older than this is an earlier run's
 while true; do
     wait "$LAUNCHER"; rc=$?
     # A trapped signal interrupts wait (status > 128) while the ranks are still running.
@@ -177,11 +217,18 @@ done
 
 STATUS=$(sed -n 's/.*"status": "\([a-z]*\)".*/\1/p' "$RUN_DIR/status.json" 2>/dev/null)
 STEP=$(sed -n 's/.*"step": \([0-9]*\).*/\1/p' "$RUN_DIR/status.json" 2>/dev/null)
+STOPPED_ON=$(sed -n 's/.*"signal": "\([A-Z0-9]*\)".*/\1/p' "$RUN_DIR/status.json" 2>/dev/null)
+WRITTEN=$(sed -n 's/.*"time": \([0-9]*\).*/\1/p' "$RUN_DIR/status.json" 2>/dev/null)
 if ((rc == 0)) && [[ $STATUS == finished ]]; then
     log "training finished at step $STEP"
     exit 0
 fi
-if ((rc == 0)) && [[ $STATUS == stopped ]]; then
+# The ranks write "stopped" only once every rank's part of the checkpoint is on disk. A
+# launcher that got the signal itself still fails (torchrun exits 1 after passing a TERM on):
+# a "stopped" written by this run counts, whatever the launcher's exit status.
+if [[ $STATUS == stopped ]] && ((rc == 0 || ${WRITTEN:-0} >= LAUNCHED_AT)); then
+    ((rc == 0)) || log "the ranks stopped at a checkpoint; the launcher exited $rc" \
+                       "(torchrun does when the stop signal reached it too)"
     if [[ $SCHED == slurm && ( $STOP_SIGNAL == USR2 || $STOP_SIGNAL == USR1 ) ]]; then
         if ((RESTARTS < MAX_REQUEUES)); then
             log "checkpoint saved at step $STEP; requeueing (restart $((RESTARTS + 1)) of at most $MAX_REQUEUES)"
@@ -191,8 +238,34 @@ if ((rc == 0)) && [[ $STATUS == stopped ]]; then
         fail 3 "checkpoint saved at step $STEP; not requeued: $MAX_REQUEUES requeues reached" \
              "(MAX_REQUEUES). Resubmit with --resume to continue"
     fi
-    fail 3 "stopped at step $STEP${STOP_SIGNAL:+ on SIG$STOP_SIGNAL} with a checkpoint; resubmit" \
-         "with --resume to continue"
+    # PBS: the walltime's SIGTERM (or a qsig) reached this shell. A new job, since qrerun
+    # needs manager rights; it takes its settings from -v (the rest of this job's
+    # environment travels too where #PBS -V is honoured).
+    if [[ $SCHED == pbs && -n $STOP_SIGNAL ]]; then
+        if ((RESTARTS < MAX_REQUEUES)); then
+            SELF=$REPO/slurm/fsdp_capture.sh
+            RESUME_ARGS=("${ARGS[@]}")
+            [[ " ${ARGS[*]} " == *" --resume "* ]] || RESUME_ARGS+=(--resume)
+            # shellcheck disable=SC2206  # QSUB_ARGS is split on spaces on purpose
+            QSUB=(qsub -N "$JOB_NAME" ${PBS_O_QUEUE:+-q "$PBS_O_QUEUE"} ${QSUB_ARGS:-})
+            # Bare names in -v take their values from qsub's environment: no quoting of
+            # the commas -v would otherwise split a value on.
+            PASS=TRAIN_ARGS,REQUEUE_COUNT,FIRST_JOB_ID,MAX_REQUEUES,SAVE_TIMEOUT
+            for var in "${GIVEN[@]}"; do PASS+=",$var"; done
+            NEW=$(TRAIN_ARGS="${RESUME_ARGS[*]}" REQUEUE_COUNT=$((RESTARTS + 1)) \
+                  FIRST_JOB_ID=$FIRST_JOB_ID MAX_REQUEUES=$MAX_REQUEUES SAVE_TIMEOUT=$SAVE_TIMEOUT \
+                  "${QSUB[@]}" -v "$PASS" "$SELF") &&
+                { log "checkpoint saved at step $STEP; resubmitted as job $NEW (resubmission" \
+                      "$((RESTARTS + 1)) of at most $MAX_REQUEUES); it appends to this log"; exit 0; }
+            fail 3 "qsub failed to resubmit $SELF; resubmit with --resume to continue"
+        fi
+        fail 3 "checkpoint saved at step $STEP; not resubmitted: $MAX_REQUEUES resubmissions" \
+             "reached (MAX_REQUEUES). Resubmit with --resume to continue"
+    fi
+    ON=${STOP_SIGNAL:+SIG$STOP_SIGNAL}
+    ON=${ON:-$STOPPED_ON}  # the signal reached the ranks only (not this shell): theirs
+    fail 3 "stopped at step $STEP${ON:+ on $ON} with a checkpoint; resubmit with --resume" \
+         "to continue"
 fi
 fail "$(( rc == 0 ? 1 : rc ))" "the trainer failed (launcher exit $rc, run status" \
     "${STATUS:-unknown}); see above"
