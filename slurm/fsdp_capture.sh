@@ -45,6 +45,13 @@
 # checkpoint but not requeued (cap reached, or stopped by someone else); otherwise the
 # trainer's failure.
 #
+# A lost node (its ranks killed, a crash): the other ranks' next collective fails, each says
+# so in one line, srun (--kill-on-bad-exit) ends the step and the job fails, not requeued:
+# this script cannot tell a lost node from a bug that would fail again. Resubmit with
+# --resume; the run continues from the last complete checkpoint. A node that goes down
+# altogether (slurmd too) SLURM itself marks DOWN and, the job being --requeue, requeues:
+# the rerun resumes by itself (SLURM_RESTART_COUNT > 0 adds --resume).
+#
 # Environment: VENV (a virtualenv to activate), PYTHON, TORCHRUN, NPROC_PER_NODE (ranks per
 # node), MAX_REQUEUES (default 20), SAVE_TIMEOUT (seconds, default 300), RDZV_PORT (default
 # 29500 + job id % 1000), OMP_NUM_THREADS (default: the node's CPUs / ranks per node),
