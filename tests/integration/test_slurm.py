@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capture.schedule import Schedule
+import slurm_env
 from helpers import ROOT, TINY, env, losses, read_metrics
+from slurm_env import (SCRIPT, cluster_tool, job_env, signal_batch, start_cluster, wait_done,
+                       wait_for_step)
 from store.reader import RunStore
 from trainer import checkpoint
-from trainer.config import load_run_config
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = ROOT / "slurm" / "fsdp_capture.sh"
 ASSETS = ROOT / "tests" / "assets"
 # On PYTHONPATH with SLOW_CHECKPOINT_S set: the checkpoint a stop signal asks for takes that
 # long (tests/assets/slow_checkpoint/sitecustomize.py).
@@ -41,8 +41,6 @@ STEPS = 18
 # 2 ranks on CPU, on one node: the script starts one torchrun with 2 processes.
 CPU_JOB = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
            "--time=15"]
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-        "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
 def job_args(data: Path, run_dir: Path) -> list[str]:
@@ -54,62 +52,16 @@ def job_args(data: Path, run_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A fresh single-node cluster of its own (own state dir and ports), stopped at the end."""
-    d = tmp_path_factory.mktemp("slurm")
-    e = env(SLURM_LOCAL_DIR=d, SLURM_LOCAL_PORT=6917)
-    tool = str(ROOT / "slurm" / "local_cluster.sh")
-    r = subprocess.run([tool, "install"], env=e, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run([tool, "start"], env=e, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
+    settings = dict(dir=tmp_path_factory.mktemp("slurm"), port=6917)
     try:
-        yield {"SLURM_CONF": str(d / "slurm.conf"), "dir": d}
+        yield start_cluster(**settings)
     finally:
-        subprocess.run([tool, "stop"], env=e, timeout=60)
-
-
-def job_env(cluster, **extra) -> dict:
-    # The job inherits the submitting environment (sbatch --export=ALL): this venv first.
-    return env(SLURM_CONF=cluster["SLURM_CONF"],
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra)
+        cluster_tool("stop", **settings)
 
 
 def sbatch(cluster, submit_dir: Path, name: str, args: list[str], **extra_env) -> str:
-    r = subprocess.run(["sbatch", "--parsable", "-J", name, *CPU_JOB, str(SCRIPT), *args],
-                       cwd=submit_dir, env=job_env(cluster, **extra_env), capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().split(";")[0]
-
-
-def job(cluster, jid: str) -> dict[str, str]:
-    r = subprocess.run(["scontrol", "show", "job", "-o", jid], env=job_env(cluster),
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
-
-
-def wait_done(cluster, jid: str, timeout: float = 420) -> dict[str, str]:
-    t0 = time.time()
-    pending_since = t0
-    while True:
-        info = job(cluster, jid)
-        if info["JobState"] in DONE:
-            return info
-        if info["JobState"] != "PENDING":
-            pending_since = time.time()
-        # A requeued job waits about 40 s; much longer means it can never start.
-        assert time.time() - pending_since < 150, f"job {jid} pending: {info.get('Reason')}"
-        assert time.time() - t0 < timeout, f"job {jid} still {info['JobState']}"
-        time.sleep(1)
-
-
-def wait_for_step(run_dir: Path, step: int, cluster, jid: str, timeout: float = 300) -> None:
-    t0 = time.time()
-    while not (run_dir / "metrics.jsonl").exists() or max(read_metrics(run_dir), default=0) < step:
-        info = job(cluster, jid)
-        assert info["JobState"] not in DONE, f"job ended early: {info['JobState']}"
-        assert time.time() - t0 < timeout, "timed out waiting for the job to train"
-        time.sleep(0.2)
+    """This module's job: 2 ranks on CPU on one node (one torchrun with 2 processes)."""
+    return slurm_env.sbatch(cluster, submit_dir, name, CPU_JOB, args, **extra_env)
 
 
 def signal_at_step(cluster, run_dir: Path, jid: str, step: int,
@@ -118,30 +70,13 @@ def signal_at_step(cluster, run_dir: Path, jid: str, step: int,
     --signal=B:USR2@N does before a time limit), then `then()`; returns the job's final
     record."""
     wait_for_step(run_dir, step, cluster, jid)
-    subprocess.run(["scancel", "--batch", "--signal=USR2", jid], env=job_env(cluster),
-                   check=True, timeout=30)
+    signal_batch(cluster, jid)
     then()
     return wait_done(cluster, jid)
 
 
-def metric_steps(run_dir: Path) -> list[int]:
-    """Every record's step, duplicates kept."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
-
-
-def expected_captures(run_dir: Path) -> list[int]:
-    c = load_run_config(run_dir)
-    return Schedule.of(c.capture, c.train.max_steps).steps("summary")
-
-
 def check_whole_run(run_dir: Path) -> None:
-    """Every step logged once, every scheduled capture committed once, the final checkpoint."""
-    assert metric_steps(run_dir) == list(range(1, STEPS + 1))
-    steps = RunStore(run_dir / "capture.zarr").steps().tolist()
-    assert steps == expected_captures(run_dir)
-    assert checkpoint.latest_step(run_dir) == STEPS
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+    slurm_env.check_whole_run(run_dir, STEPS)
 
 
 @pytest.fixture(scope="module")
