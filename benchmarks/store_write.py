@@ -2,6 +2,7 @@
 
     python benchmarks/store_write.py                    # ~1-2 min on 2 cores
     python benchmarks/store_write.py --rounds 9 --captures 8 --dir /scratch/somewhere
+    python benchmarks/store_write.py --store s3://bucket/prefix   # also onto object storage
 
 GPT-2 124M shapes: a capture is P=16 sequences x T=256 tokens, hooks 768 wide (plus one MLP
 hook 3072 wide); each call writes one rank's slice ([P/world, T, D] float16, world 2), as
@@ -21,6 +22,14 @@ part times the durability barrier (mark_done: syncfs) for one capture against os
 the tofile files, and rank 0's commit of that capture (schema 2: captures/tier, then
 captures/step, each behind a syncfs). Stores are schema 2: rank 0 reserves each slot
 before it is written. No assertions: the figures are printed.
+
+`--store URL` (an fsspec URL: s3://bucket/prefix, gs://..., or another folder) adds the
+StoreWriter variant writing into a fresh store under URL each round, timed the same way
+beside the local ones, then prints their MB/s against the local StoreWriter and against
+numpy.tofile, and the time of one capture's mark_done and commit there. For s3:// the
+endpoint and credentials come from the environment as s3fs (botocore) reads them
+(AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...). What it writes under
+URL is deleted at the end.
 """
 
 from __future__ import annotations
@@ -76,10 +85,11 @@ def run_tofile_chunk(d: Path, captures, hooks, data) -> int:
     return total
 
 
-def make_writer(d: Path, captures, hooks, threads: int) -> StoreWriter:
-    """A new store with its `captures` slots reserved (rank 0's part, untimed: a metadata
-    write once every SLOT_BLOCK captures)."""
-    w = StoreWriter.create_or_open(str(d / "s.zarr"), layout(captures, hooks), threads=threads)
+def make_writer(d: Path | str, captures, hooks, threads: int) -> StoreWriter:
+    """A new store (in folder `d`, or at the URL `d` when a str) with its `captures` slots
+    reserved (rank 0's part, untimed: a metadata write once every SLOT_BLOCK captures)."""
+    url = d if isinstance(d, str) else str(d / "s.zarr")
+    w = StoreWriter.create_or_open(url, layout(captures, hooks), threads=threads)
     for slot in range(captures):
         w.reserve(slot)
     return w
@@ -120,7 +130,20 @@ def main() -> None:
     ap.add_argument("--hooks", type=int, default=4, help="hooks 768 wide (plus one 3072 wide)")
     ap.add_argument("--threads", default="1,2,4", help="StoreWriter thread counts to try")
     ap.add_argument("--no-zarr-loop", action="store_true")
+    ap.add_argument("--store", default=None, metavar="URL",
+                    help="also write with StoreWriter into a store under this fsspec URL "
+                    "(e.g. s3://bucket/prefix), beside the local variants")
     args = ap.parse_args()
+    remote = None
+    if args.store:
+        from fsspec.core import url_to_fs
+
+        # a prefix of its own under URL, deleted at the end
+        remote = f"{args.store.rstrip('/')}/bench-store-write-{os.getpid()}-{int(time.time())}"
+        try:
+            rfs, rpath = url_to_fs(remote)
+        except (ImportError, ValueError) as e:
+            sys.exit(f"error: --store {args.store}: {e}")
 
     base = Path(args.dir or Path(__file__).resolve().parents[1] / "runs")
     base.mkdir(parents=True, exist_ok=True)
@@ -142,6 +165,13 @@ def main() -> None:
     variants.append("zarr slice (1 assign/call)")
     if not args.no_zarr_loop:
         variants.append("zarr loop (1 chunk/assign)")
+    # one variant: on an object store the writer runs at least 8 threads whatever it is
+    # given (store/_chunks.py make_sink: latency, not a disk, bounds it)
+    remote_vs = ["StoreWriter@store threads=8"] if remote else []
+    variants += remote_vs
+    if remote:
+        print(f"StoreWriter@store: the same writes into a new store under {remote} "
+              f"(creating it, untimed, is many small requests)")
     speeds: dict[str, list[float]] = {v: [] for v in variants}
     try:
         for r in range(args.rounds):
@@ -150,7 +180,11 @@ def main() -> None:
                 d = top / f"r{r}-{variants.index(v)}"
                 d.mkdir()
                 # untimed setup: create the store (preallocation is metadata only)
-                if v.startswith("StoreWriter"):
+                if v in remote_vs:
+                    w = make_writer(f"{remote}/r{r}-{variants.index(v)}/s.zarr",
+                                    args.captures, hooks, int(v.split("=")[1]))
+                    fn = lambda: run_writer(w, args.captures, hooks, data)  # noqa: E731
+                elif v.startswith("StoreWriter"):
                     w = make_writer(d, args.captures, hooks, int(v.split("=")[1]))
                     fn = lambda: run_writer(w, args.captures, hooks, data)  # noqa: E731
                 elif v.startswith("zarr"):
@@ -171,13 +205,16 @@ def main() -> None:
                     w.close()
             shutil.rmtree(top)
             top.mkdir()
+            if remote and rfs.exists(rpath):
+                rfs.rm(rpath, recursive=True)
         base_mb = statistics.median(speeds["tofile/call"])
         print(f"\n{'variant':<30} {'median MB/s':>12} {'ratio':>7}   per round MB/s")
         for v in variants:
             m = statistics.median(speeds[v])
             print(f"{v:<30} {m:>12.0f} {m / base_mb:>7.2f}   "
                   f"{' '.join(f'{x:.0f}' for x in speeds[v])}")
-        best = max((v for v in variants if v.startswith("StoreWriter")),
+        best = max((v for v in variants if v.startswith("StoreWriter")
+                    and v not in remote_vs),
                    key=lambda v: statistics.median(speeds[v]))
         paired = [a / b for a, b in zip(speeds[best], speeds["tofile/call"])]
         chunk_mb = statistics.median(speeds["tofile/chunk"])
@@ -222,8 +259,44 @@ def main() -> None:
               f"mark_done x{WORLD} (syncfs) {t_done * 1e3:.0f} ms; fsync of the tofile files "
               f"{t_fsync * 1e3:.0f} ms (in the capture's background thread, not training's); "
               f"commit (captures/tier + captures/step, 2 syncfs) {t_commit * 1e3:.0f} ms")
+        if remote:
+            report_remote(remote, remote_vs, speeds, best, base_mb, hooks, data, per_round,
+                          args.captures)
     finally:
         shutil.rmtree(top, ignore_errors=True)
+        if remote:
+            try:
+                if rfs.exists(rpath):
+                    rfs.rm(rpath, recursive=True)
+            except Exception as e:  # noqa: BLE001 - the figures are printed already
+                print(f"could not delete {remote}: {type(e).__name__}: {e}")
+
+
+def report_remote(remote: str, remote_vs: list[str], speeds: dict, best: str, base_mb: float,
+                  hooks, data, per_round: int, captures: int) -> None:
+    """The store URL's StoreWriter against the local one and numpy.tofile, and one capture's
+    mark_done and commit there (no syncfs on an object store: a PUT is durable once it
+    returns, so these are the requests themselves)."""
+    rbest = max(remote_vs, key=lambda v: statistics.median(speeds[v]))
+    rm, lm = statistics.median(speeds[rbest]), statistics.median(speeds[best])
+    paired = [a / b for a, b in zip(speeds[rbest], speeds[best])]
+    print(f"\nStoreWriter on {remote.rsplit('/', 1)[0]}: {rm:.1f} MB/s ({rbest.split('@')[1]})"
+          f" vs {lm:.0f} MB/s local ({best.split(' ', 1)[1]}): {rm / lm:.3f} of the local "
+          f"StoreWriter (median of per-round ratios {statistics.median(paired):.3f}), "
+          f"{rm / base_mb:.3f} of numpy.tofile to local disk ({base_mb:.0f} MB/s)")
+    w = make_writer(f"{remote}/durable/s.zarr", 1, hooks, int(rbest.split("=")[1]))
+    run_writer(w, 1, hooks, data)
+    t0 = time.perf_counter()
+    for rank in range(WORLD):
+        w.mark_done(0, rank)
+    t_done = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    w.commit(0, 0, SUMMARY | FULL)
+    t_commit = time.perf_counter() - t0
+    w.close()
+    print(f"on the store URL, one capture ({per_round / captures / 1e6:.0f} MB): mark_done "
+          f"x{WORLD} {t_done * 1e3:.0f} ms; commit (captures/tier, then captures/step: one "
+          f"whole-object PUT each, no rename) {t_commit * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

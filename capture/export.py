@@ -4,7 +4,8 @@
                              [--format pt|npy|safetensors|saelens|hf] [--out DIR] [--list]
 
 Where the store is: `--store` takes a path or an fsspec URL (s3://..., file://...);
-`--run-dir RUN` reads RUN/capture.zarr; with neither, the most recently modified folder
+`--run-dir RUN` reads RUN/capture.zarr (or the run's `capture.store` from RUN/config.toml
+when it was trained with one, e.g. on s3://); with neither, the most recently modified folder
 under ./runs that holds a capture.zarr (the one picked is named on stderr).
 
 `--list` prints what the store holds (captured steps and the tier of each: F marks a full
@@ -145,9 +146,25 @@ def locate(args) -> tuple[str, Path | None, str | None]:
     if not run.is_dir():
         raise UserError(f"run dir {run} is not a folder")
     if not (run / STORE_DIR).exists():
+        configured = _configured_store(run)
+        if configured:  # a run trained with capture.store elsewhere (s3://..., a path)
+            return configured, run, note
         raise UserError(f"run dir {run} has no capture store ({run / STORE_DIR} missing); "
                         f"was it trained with capture enabled?")
     return str(run / STORE_DIR), run, note
+
+
+def _configured_store(run: Path) -> str | None:
+    """The run's `capture.store` from its config.toml when set (the trainer wrote the store
+    there, not into RUN/capture.zarr), else None. Read as plain TOML: capture does not
+    import the trainer's config."""
+    import tomllib
+
+    try:
+        with open(run / "config.toml", "rb") as f:
+            return str((tomllib.load(f).get("capture") or {}).get("store") or "") or None
+    except (OSError, ValueError):  # no config, or not TOML: the missing-store error says it
+        return None
 
 
 def open_store(url: str):

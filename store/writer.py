@@ -66,7 +66,13 @@ class StoreWriter:
         except StoreNotFound:
             attrs = None
         if attrs is None:
-            attrs = create(store, layout)
+            try:
+                attrs = create(store, layout)
+            except OSError as e:
+                # an object store refusing the first write (no such bucket, access denied)
+                # raises its fsspec backend's OSError from deep inside zarr: one line instead
+                raise StoreError(f"cannot create the capture store at {u}: "
+                                 f"{type(e).__name__}: {e}") from None
         else:
             attrs = reconcile(store, u, attrs, layout)
         return cls(store, u, attrs, durable=durable, threads=threads)
