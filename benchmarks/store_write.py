@@ -235,16 +235,7 @@ def main() -> None:
         # durability: one capture written then made durable, both ways
         d = top / "durable"
         d.mkdir()
-        w = make_writer(d, 1, hooks, 2)
-        run_writer(w, 1, hooks, data)
-        t0 = time.perf_counter()
-        for rank in range(WORLD):
-            w.mark_done(0, rank)
-        t_done = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        w.commit(0, 0, SUMMARY | FULL)
-        t_commit = time.perf_counter() - t0
-        w.close()
+        t_done, t_commit = time_one_capture(make_writer(d, 1, hooks, 2), hooks, data)
         files = []
         for i, (_, _, _, a) in enumerate(calls(1, hooks, data)):
             a.tofile(d / f"{i}.bin")
@@ -272,6 +263,21 @@ def main() -> None:
                 print(f"could not delete {remote}: {type(e).__name__}: {e}")
 
 
+def time_one_capture(w, hooks, data) -> tuple[float, float]:
+    """One capture written with `w`, then the seconds of every rank's mark_done and of rank
+    0's commit; closes `w`."""
+    run_writer(w, 1, hooks, data)
+    t0 = time.perf_counter()
+    for rank in range(WORLD):
+        w.mark_done(0, rank)
+    t_done = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    w.commit(0, 0, SUMMARY | FULL)
+    t_commit = time.perf_counter() - t0
+    w.close()
+    return t_done, t_commit
+
+
 def report_remote(remote: str, remote_vs: list[str], speeds: dict, best: str, base_mb: float,
                   hooks, data, per_round: int, captures: int) -> None:
     """The store URL's StoreWriter against the local one and numpy.tofile, and one capture's
@@ -284,16 +290,8 @@ def report_remote(remote: str, remote_vs: list[str], speeds: dict, best: str, ba
           f" vs {lm:.0f} MB/s local ({best.split(' ', 1)[1]}): {rm / lm:.3f} of the local "
           f"StoreWriter (median of per-round ratios {statistics.median(paired):.3f}), "
           f"{rm / base_mb:.3f} of numpy.tofile to local disk ({base_mb:.0f} MB/s)")
-    w = make_writer(f"{remote}/durable/s.zarr", 1, hooks, int(rbest.split("=")[1]))
-    run_writer(w, 1, hooks, data)
-    t0 = time.perf_counter()
-    for rank in range(WORLD):
-        w.mark_done(0, rank)
-    t_done = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    w.commit(0, 0, SUMMARY | FULL)
-    t_commit = time.perf_counter() - t0
-    w.close()
+    t_done, t_commit = time_one_capture(
+        make_writer(f"{remote}/durable/s.zarr", 1, hooks, int(rbest.split("=")[1])), hooks, data)
     print(f"on the store URL, one capture ({per_round / captures / 1e6:.0f} MB): mark_done "
           f"x{WORLD} {t_done * 1e3:.0f} ms; commit (captures/tier, then captures/step: one "
           f"whole-object PUT each, no rename) {t_commit * 1e3:.0f} ms")

@@ -183,6 +183,7 @@ make_nodes() {
 # file system slurmd needs.
 in_node() {
     local i=$1; shift
+    # shellcheck disable=SC2016  # $0, $1 and $@ are the inner shell's
     nsenter --net="/run/netns/$(netns_of "$i")" unshare --uts --mount --propagation private \
         sh -c 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"' \
         "node$i" "/etc/netns/$(netns_of "$i")/hosts" "$@"
