@@ -154,7 +154,8 @@ SCRIPT = textwrap.dedent("""
 def _probed(_data, base: Path):
     script = base / "probe_fsdp.py"
     script.write_text(SCRIPT)
-    return base, run_cli(torchrun(2) + [str(script), str(base)], timeout=120)
+    # 600 s: a bound for a hang only (it may run beside the multi-node SLURM jobs).
+    return base, run_cli(torchrun(2) + [str(script), str(base)], timeout=600)
 
 
 @pytest.fixture(scope="module")
