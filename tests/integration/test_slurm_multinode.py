@@ -1,12 +1,13 @@
-"""`sbatch --nodes=2 slurm/fsdp_capture.sh` on a real two-node SLURM cluster on this
-machine (slurm/local_cluster.sh --nodes 2: each node a network namespace with its own
+"""`sbatch --nodes=2 slurm/fsdp_capture.sh` on a real four-node SLURM cluster on this
+machine (slurm/local_cluster.sh --nodes 4: each node a network namespace with its own
 hostname and address on veth pairs, one slurmd per node, slurmctld on the first). Two
 torchruns meet in a c10d rendezvous across the nodes, gloo on CPU, hybrid sharding with one
 shard group per node; every rank of both nodes writes its part of each capture into one
 store. A USR2 before the time limit checkpoints both nodes, requeues and resumes exactly; a
 node whose job processes are killed (-9) fails the job cleanly, and a resubmission with
---resume finishes it exactly. And the cluster leaves nothing behind when it stops, also
-after a start that failed half way."""
+--resume finishes it exactly; a node that goes down altogether gets the job requeued by
+SLURM, and it resumes exactly on the other nodes. And the cluster leaves nothing behind when
+it stops, also after a start that failed half way."""
 
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ NAME, SUBNET = "pytmn", "10.250.0"  # the namespaces' and links' prefix; the nod
 # 2 nodes x 2 ranks, and 1 node x 2 ranks with the same global batch (512 tokens: 4 ranks
 # x 4 sequences x 32 tokens in one round, or 2 ranks in two accumulation rounds).
 CPU_JOB = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=15"]
-# The cluster has 3 nodes: node2 goes down in one test, and only that test's job runs there.
+# The cluster has 4 nodes. The jobs run on node0 and node1, but one: node0 and one of the
+# spares, node2 or node3, which goes down; its requeued job runs on node0 and the other.
 TWO_NODES = ["--nodes=2", "--nodelist=node[0-1]", *CPU_JOB]
 ONE_NODE = ["--nodes=1", "--nodelist=node0", *CPU_JOB]
-ON_NODE2 = ["--nodes=2", "--nodelist=node[0,2]", *CPU_JOB]
+ON_A_SPARE = ["--nodes=2", "--nodelist=node0", "--exclude=node1", *CPU_JOB]
 
 
 def job_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -134,13 +136,13 @@ def kill_node(node: int) -> None:
 
 @pytest.fixture(scope="module")
 def cluster2(tmp_path_factory):
-    """A three-node cluster of its own; each node offers 16 CPUs (the machine's two,
+    """A four-node cluster of its own; each node offers 16 CPUs (the machine's two,
     shared), so the module's jobs run at the same time. A node that does not answer for
     15 s is DOWN (SLURM's default is 300 s)."""
     d = tmp_path_factory.mktemp("slurm2")
     settings = dict(dir=d, name=NAME, subnet=SUBNET, cpus=16, slurmd_timeout=15)
     try:
-        yield start_cluster("--nodes", "3", **settings)
+        yield start_cluster("--nodes", "4", **settings)
     finally:
         cluster_tool("stop", **settings)
 
@@ -150,16 +152,17 @@ def jobs(cluster2, shakespeare_data, tmp_path_factory):
     """The module's jobs, submitted together: an uninterrupted 2-node job (the reference),
     a 1-node job of the same global batch, a 2-node job USR2-signalled at step 5, a 2-node
     job whose second node's processes are killed at step 5, and a 2-node job whose second
-    node (node2) goes down at step 5."""
+    node (a spare) goes down at step 5."""
     root = tmp_path_factory.mktemp("jobs")
     hybrid = "--parallel.sharding=hybrid"
     opts = {"ref": TWO_NODES, "one": ONE_NODE, "usr2": TWO_NODES, "lost": TWO_NODES,
-            "down": ON_NODE2}
+            "down": ON_A_SPARE}
     runs = {name: root / name for name in opts}
     args = {k: job_args(shakespeare_data, runs[k], *([] if k == "one" else [hybrid]))
             for k in runs}
     jids = {k: sbatch(cluster2, root, k, opts[k], args[k]) for k in runs}
     resubmitted: dict[str, tuple[str, dict]] = {}
+    lost: dict[str, str] = {}
 
     def lose_node_then_resubmit() -> None:
         """node1's part of the job killed; once the job has failed (as it should: checked
@@ -174,26 +177,30 @@ def jobs(cluster2, shakespeare_data, tmp_path_factory):
         jid = sbatch(cluster2, root, "lost", TWO_NODES, [*args["lost"], "--resume"])
         resubmitted["lost"] = (jid, first, left)
 
-    def take_node_down_then_back() -> None:
-        """node2 down; once SLURM has requeued the job, node2 back."""
-        kill_node(2)
+    def take_a_node_down() -> None:
+        """The job's spare node down (everything in it killed, slurmd too); then wait for
+        SLURM to requeue the job (NODE_FAIL), which runs again on node0 and the other
+        spare. (Not the same node brought back: SLURM's kill of the failed run, retried
+        until the node answers, would hit the rerun there.)"""
+        nodes = job(cluster2, jids["down"])["NodeList"]
+        spare = {"node[0,2]": 2, "node[0,3]": 3}[nodes]
+        lost["down"] = f"node{spare}"
+        kill_node(spare)
         t0 = time.time()
         while (info := job(cluster2, jids["down"]))["Restarts"] == "0":
             assert info["JobState"] not in DONE, f"not requeued: {info['JobState']}"
             assert time.time() - t0 < 180, f"not requeued: {info['JobState']}"
             time.sleep(1)
-        r = cluster_tool("start", **cluster2["settings"])  # restarts node2's slurmd
-        assert r.returncode == 0, r.stdout + r.stderr
 
     # Each acts at step 5 of its job, in a thread, while the other jobs run: the tests
     # then only check.
     watchers = {
         "usr2": AtStep(runs["usr2"], 5, lambda: signal_batch(cluster2, jids["usr2"])),
         "lost": AtStep(runs["lost"], 5, lose_node_then_resubmit),
-        "down": AtStep(runs["down"], 5, take_node_down_then_back),
+        "down": AtStep(runs["down"], 5, take_a_node_down),
     }
     return {"root": root, "runs": runs, "jids": jids, "watchers": watchers, "args": args,
-            "resubmitted": resubmitted}
+            "resubmitted": resubmitted, "lost": lost}
 
 
 def finished(cluster2, jobs, name: str) -> tuple[dict, Path, str]:
@@ -322,16 +329,18 @@ def test_lost_node_fails_the_job_cleanly_and_a_resubmission_resumes(cluster2, jo
     assert losses(run_dir) == losses(ref)
 
 
-def test_node_down_requeues_and_resumes_when_it_is_back(cluster2, jobs):
+def test_node_down_requeues_and_resumes_on_the_other_nodes(cluster2, jobs):
     """Documented (README): a node that goes down altogether (slurmd too) is marked DOWN
-    after SlurmdTimeout; SLURM requeues the job (NODE_FAIL, --requeue), which waits for
-    nodes, starts again once the node is back (local_cluster.sh start restarts its slurmd)
-    and resumes from the last complete checkpoint, with the same losses."""
+    after SlurmdTimeout; SLURM requeues the job (NODE_FAIL, --requeue), which starts again
+    on healthy nodes and resumes from the last complete checkpoint, with the same losses."""
     jobs["watchers"]["down"].check()
     info, run_dir, log = finished(cluster2, jobs, "down")
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert "DUE TO NODE FAILURE" in log and "restart 1 (SLURM_RESTART_COUNT" in log
     assert re.search(r"resumed from step [1-9]", log), log
+    dead = jobs["lost"]["down"]
+    hosts = json.loads((run_dir / "status.json").read_text())["hosts"]
+    assert dead not in hosts and sorted(set(hosts)) == sorted({"node0", "node2", "node3"} - {dead})
     check_whole_run(run_dir, STEPS)
     _, ref, _ = finished(cluster2, jobs, "ref")
     assert losses(run_dir) == losses(ref)
