@@ -320,13 +320,14 @@ def run(cfg: RunConfig, resume: bool) -> int:
                 f"checkpoint: {'step ' + str(last) if last is not None else 'none'}. "
                 f"Lower optim.lr or raise optim.warmup_steps, then --resume") from None
         except RuntimeError as e:
-            if not tdist.lost_peer(e):
+            peer = tdist.lost_peer(e)
+            if not peer:
                 raise
             # Another rank (or its node) died mid-collective: one line per surviving rank
             # instead of a traceback each; the launcher fails the job.
             last = checkpoint.latest_step(cfg.run_dir)
             print(f"error: rank {info.rank} on {socket.gethostname()} lost contact with "
-                  f"another rank at step {r.step + 1} ({tdist.lost_peer(e)}): a rank or its "
+                  f"another rank at step {r.step + 1} ({peer}): a rank or its "
                   f"node died. The last complete checkpoint is "
                   f"{'step ' + str(last) if last is not None else 'none'}; resubmit with "
                   f"--resume", file=sys.stderr, flush=True)
