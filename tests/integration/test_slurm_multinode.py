@@ -103,15 +103,18 @@ class AtStep(threading.Thread):
             raise self.error
 
 
+def node_pids(node: int) -> list[str]:
+    """Every process that runs in node `node` (its network namespace)."""
+    return subprocess.run(["ip", "netns", "pids", f"{NAME}-node{node}"], capture_output=True,
+                          text=True, check=True).stdout.split()
+
+
 def kill_job_on_node(jid: str, node: int) -> list[str]:
     """kill -9 every process job `jid` runs in node `node` (torchrun and its ranks): the
     node is gone as far as the job can tell. slurmd and the job's slurmstepd stay, so SLURM
     sees the tasks die; returns the killed processes' names."""
-    ns = f"{NAME}-node{node}"
-    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
-                          check=True).stdout.split()
     killed = []
-    for pid in pids:
+    for pid in node_pids(node):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -120,14 +123,13 @@ def kill_job_on_node(jid: str, node: int) -> list[str]:
         if f"SLURM_JOB_ID={jid}".encode() in environ and comm != "slurmstepd":
             os.kill(int(pid), signal.SIGKILL)
             killed.append(comm)
-    assert killed, f"no process of job {jid} in {ns}"
+    assert killed, f"no process of job {jid} in node{node}"
     return killed
 
 
 def kill_node(node: int) -> None:
     """kill -9 everything that runs in node `node`, slurmd included: the node is down."""
-    pids = subprocess.run(["ip", "netns", "pids", f"{NAME}-node{node}"], capture_output=True,
-                          text=True, check=True).stdout.split()
+    pids = node_pids(node)
     assert pids
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -224,6 +226,17 @@ def test_cluster_starts_and_stops_cleanly_also_after_a_failed_start(tmp_path):
         status = cluster_tool("status", **settings).stdout
         assert "namespaces: pytss-node0 pytss-node1" in status and "idle" in status, status
         assert len(daemons(tmp_path / "c")) == 3  # slurmctld, 2 slurmd
+        # A node's slurmd dies; `start` on the running cluster brings it back.
+        pid = int((tmp_path / "c" / "slurmd-node1.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.time()
+        while Path(f"/proc/{pid}").exists() and time.time() - t0 < 10:  # until reaped
+            time.sleep(0.1)
+        r = cluster_tool("start", **settings)
+        assert r.returncode == 0, r.stdout + r.stderr
+        status = cluster_tool("status", **settings).stdout
+        assert "slurmd node1: running" in status and str(pid) not in status, status
+        assert len(daemons(tmp_path / "c")) == 3
     finally:
         r = cluster_tool("stop", **settings)
     assert r.returncode == 0, r.stderr
@@ -239,6 +252,20 @@ def test_cluster_starts_and_stops_cleanly_also_after_a_failed_start(tmp_path):
         assert leftovers("pytss") == ["pytss-v1"] and daemons(tmp_path / "c") == []
     finally:
         subprocess.run(["ip", "link", "del", "pytss-v1"], check=True)
+
+
+@pytest.mark.parametrize("args,settings,says", [
+    (["--nodes", "two"], {}, "--nodes must be a positive number, got 'two'"),
+    (["--nodes", "2"], {"name": "much-too-long"}, "SLURM_LOCAL_NAME 'much-too-long' is longer"),
+    (["--nodes", "2"], {"subnet": "10.250"}, "SLURM_LOCAL_SUBNET must be three octets"),
+    (["--nodez", "2"], {}, "unknown option '--nodez'"),
+])
+def test_bad_cluster_settings_are_one_line(tmp_path, args, settings, says):
+    """Refused before anything is made: one line, exit 1, no namespace or link."""
+    r = cluster_tool("start", *args, dir=tmp_path / "c", **settings)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("local_cluster: ") and says in r.stderr, r.stderr
+    assert leftovers(settings.get("name", "slocal")) == [] and not (tmp_path / "c").exists()
 
 
 def test_two_node_job_with_capture_completes(cluster2, jobs):
