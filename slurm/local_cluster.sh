@@ -6,6 +6,7 @@
 #   slurm/local_cluster.sh start [--nodes N]  write DIR/slurm.conf, start munged, slurmctld, slurmd(s)
 #                                             (on a cluster that is up: restart a node's dead slurmd)
 #   slurm/local_cluster.sh stop               stop the daemons; remove the nodes' namespaces and links
+#                                             (every one named NAME-*, also a killed start's)
 #   slurm/local_cluster.sh status             daemons, namespaces, links and node state
 #   slurm/local_cluster.sh env                the line to eval so sbatch/squeue find this cluster
 #
@@ -138,6 +139,9 @@ start_munge() {
 node_addr() { echo "$SUBNET.$(($1 + 1))"; }
 netns_of() { echo "$NAME-node$1"; }
 bridge_name() { echo "$NAME-br"; }
+# The namespaces and host-side links named like this cluster's, whoever made them.
+own_netns() { ip netns list | awk '{print $1}' | grep -xE "$NAME-node[0-9]+" || true; }
+own_links() { ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -xE "$NAME-(br|v[0-9]+)" | sort || true; }
 
 # What a start made, undone in reverse order if it fails before it is done (a failed start
 # leaves nothing behind, and removes nothing it did not make).
@@ -194,6 +198,11 @@ kill_netns() {
     pids=$(ip netns pids "$1" 2>/dev/null) || return 0
     # shellcheck disable=SC2086  # one pid per word
     [[ -z $pids ]] || kill -9 $pids 2>/dev/null || true
+    # Until they are gone, reaped included (a daemon's pid file may name one).
+    local pid
+    for pid in $pids; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    done
 }
 
 start() {
@@ -216,6 +225,12 @@ start() {
         return 0
     fi
     if ((NODES > 1)); then start_nodes; return 0; fi
+    # Another cluster's daemon on these ports (one a killed run left) would answer sinfo and
+    # sbatch in place of ours. (A multi-node cluster listens inside its own namespaces.)
+    if ss -Hltn "( sport = :$PORT or sport = :$((PORT + 1)) )" | grep -q .; then
+        die "port $PORT or $((PORT + 1)) is in use (another local cluster? run '$0 stop' with" \
+            "its SLURM_LOCAL_DIR, or set SLURM_LOCAL_PORT)"
+    fi
     write_conf
     start_munge
     export SLURM_CONF=$CONF
@@ -276,16 +291,20 @@ stop_daemons() {
 }
 
 stop() {
-    local i
+    local ns link
     stop_daemons
-    ((NODES > 1)) || return 0
-    # Jobs still running in a node die with it; then the namespaces (and with them the
-    # veth ends inside), the host ends, the bridge and the hosts files.
-    for ((i = 0; i < NODES; i++)); do
-        kill_netns "$(netns_of "$i")"
-        ip netns del "$(netns_of "$i")" 2>/dev/null || true
-        ip link del "$NAME-v$i" 2>/dev/null || true
-        rm -rf "/etc/netns/$(netns_of "$i")"
+    command -v ip >/dev/null || return 0
+    # Every node of the cluster named NAME, found by name rather than from cluster.env, so a
+    # cluster whose start process was killed (or whose DIR is gone) is removed too. Jobs
+    # still running in a node die with it; then the namespaces (and with them the veth ends
+    # inside), the host ends, the bridge and the hosts files.
+    for ns in $(own_netns); do
+        kill_netns "$ns"
+        ip netns del "$ns" 2>/dev/null || true
+        rm -rf "/etc/netns/$ns"
+    done
+    for link in $(own_links | grep -v "^$(bridge_name)$"); do
+        ip link del "$link" 2>/dev/null || true
     done
     ip link del "$(bridge_name)" 2>/dev/null || true
     rm -f "$DIR/cluster.env"
@@ -299,8 +318,8 @@ status() {
         if pid_alive "$f"; then echo "slurmd $n: running (pid $(cat "$f"))"; else echo "slurmd $n: stopped"; fi
     done
     if ((NODES > 1)); then
-        echo "namespaces: $(ip netns list | grep -o "^$NAME-node[0-9]*" | sort | paste -sd' ' -)"
-        echo "links: $(ip -o link show | grep -oE "$NAME-(br|v[0-9]+)" | sort -u | paste -sd' ' -)"
+        echo "namespaces: $(own_netns | sort | paste -sd' ' -)"
+        echo "links: $(own_links | paste -sd' ' -)"
     fi
     if pid_alive "$DIR/slurmctld.pid"; then SLURM_CONF=$CONF sinfo; fi
 }

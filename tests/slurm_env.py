@@ -35,6 +35,10 @@ def start_cluster(*args: str, **settings) -> dict:
     """A fresh cluster of its own: install (skipped when present), then start."""
     r = cluster_tool("install", timeout=600, **settings)
     assert r.returncode == 0, r.stderr
+    # A cluster of this name that a killed earlier run left (its nodes, and the daemons in
+    # them) would hold the name and the subnet: remove it first.
+    r = cluster_tool("stop", **settings)
+    assert r.returncode == 0, r.stderr
     r = cluster_tool("start", *args, **settings)
     assert r.returncode == 0, r.stdout + r.stderr
     return {"SLURM_CONF": str(Path(settings["dir"]) / "slurm.conf"), "dir": settings["dir"],

@@ -240,6 +240,17 @@ def test_requeues_are_capped(cluster, shakespeare_data, tmp_path):
     assert "not requeued: 0 requeues reached (MAX_REQUEUES). Resubmit with --resume" in log
 
 
+def test_second_cluster_on_taken_ports_is_refused_with_one_line(cluster, tmp_path):
+    """A cluster started on the ports of one that runs (say one a killed run left) would
+    have the old slurmctld answer its sbatch: refused before anything is started."""
+    other = tmp_path / "other"
+    r = cluster_tool("start", dir=other, port=cluster["settings"]["port"])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("local_cluster: port 6917 or 6918 is in use"), r.stderr
+    assert not other.exists()
+    assert "idle" in cluster_tool("status", **cluster["settings"]).stdout  # untouched
+
+
 def test_bad_argument_fails_fast_with_message_in_log(cluster, shakespeare_data, tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.time()

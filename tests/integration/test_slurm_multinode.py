@@ -253,6 +253,15 @@ def test_cluster_starts_and_stops_cleanly_also_after_a_failed_start(tmp_path):
     finally:
         subprocess.run(["ip", "link", "del", "pytss-v1"], check=True)
 
+    # A cluster whose starter was killed, its state dir unknown: `stop` with only the name
+    # removes its nodes, and the daemons in them (what a killed test run leaves behind).
+    r = cluster_tool("start", "--nodes", "2", **settings)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(daemons(tmp_path / "c")) == 3
+    r = cluster_tool("stop", **{**settings, "dir": tmp_path / "elsewhere"})
+    assert r.returncode == 0, r.stderr
+    assert leftovers("pytss") == [] and daemons(tmp_path / "c") == []
+
 
 @pytest.mark.parametrize("args,settings,says", [
     (["--nodes", "two"], {}, "--nodes must be a positive number, got 'two'"),
