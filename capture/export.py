@@ -80,10 +80,10 @@ from pathlib import Path
 import numpy as np
 
 from store.errors import ArgumentParser, UserError, run_cli
+from store.runs import STORE_DIR, configured_store, store_url
 
 SEEDS_HOOK = "blocks.4.hook_resid_post"
 PROGRESS_MIN_BYTES = 64 << 20  # show a progress bar from this many activation bytes on
-STORE_DIR = "capture.zarr"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,26 +145,12 @@ def locate(args) -> tuple[str, Path | None, str | None]:
         raise UserError(f"run dir {run} not found")
     if not run.is_dir():
         raise UserError(f"run dir {run} is not a folder")
-    if not (run / STORE_DIR).exists():
-        configured = _configured_store(run)
-        if configured:  # a run trained with capture.store elsewhere (s3://..., a path)
-            return configured, run, note
-        raise UserError(f"run dir {run} has no capture store ({run / STORE_DIR} missing); "
+    # A run trained with capture.store elsewhere (s3://..., a path) has its store there.
+    url = store_url(run, configured_store(run))
+    if "://" not in url and not Path(url).exists():
+        raise UserError(f"run dir {run} has no capture store ({url} missing); "
                         f"was it trained with capture enabled?")
-    return str(run / STORE_DIR), run, note
-
-
-def _configured_store(run: Path) -> str | None:
-    """The run's `capture.store` from its config.toml when set (the trainer wrote the store
-    there, not into RUN/capture.zarr), else None. Read as plain TOML: capture does not
-    import the trainer's config."""
-    import tomllib
-
-    try:
-        with open(run / "config.toml", "rb") as f:
-            return str((tomllib.load(f).get("capture") or {}).get("store") or "") or None
-    except (OSError, ValueError):  # no config, or not TOML: the missing-store error says it
-        return None
+    return url, run, note
 
 
 def open_store(url: str):

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-STORE_DIR = "capture.zarr"
+from store.runs import STORE_DIR
+
 # (key, chart title, split in the store, column): the five curves overlaid per run.
 METRICS = (("loss", "Loss", "train", "loss"),
            ("val_loss", "Validation loss", "val", "loss"),

@@ -23,8 +23,7 @@ import streamlit as st
 
 from store.errors import StoreError
 from store.reader import RunStore
-
-STORE_DIR = "capture.zarr"
+from store.runs import STORE_DIR, configured_store
 DEFAULT_ROOT = "runs"
 HEATMAP_MAX_STEPS = 240      # columns of the neuron-by-step heatmap (steps subsampled beyond)
 HEATMAP_MAX_NEURONS = 256    # rows of it
@@ -73,6 +72,8 @@ def store_url(target: str) -> str:
     p = Path(t[len("file://"):] if t.startswith("file://") else t).expanduser()
     if (p / "zarr.json").exists() and not (p / STORE_DIR).exists():
         return str(p)
+    if not (p / STORE_DIR).exists():  # a run trained with capture.store elsewhere (s3://...)
+        return configured_store(p) or str(p / STORE_DIR)
     return str(p / STORE_DIR)
 
 

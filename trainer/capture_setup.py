@@ -5,7 +5,6 @@ for `--plan`. Capture itself (package `capture`) knows nothing of the trainer.""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +13,7 @@ from capture import dynamics
 from capture.capturer import Capturer, NoCapture, describe
 from capture.plan import Plan, check_budget, format_plan, make_plan
 from capture.spec import CaptureSpec, build_layout, resolve
+from store import runs
 from store.schema import Layout
 from store.writer import StoreWriter
 from trainer import dist as tdist
@@ -22,7 +22,7 @@ from trainer.data import TokenWindows, load_manifest
 
 
 def store_url(cfg: RunConfig) -> str:
-    return cfg.capture.store or str(Path(cfg.run_dir) / "capture.zarr")
+    return runs.store_url(cfg.run_dir, cfg.capture.store)
 
 
 def hook_names(cfg: RunConfig) -> list[str]:

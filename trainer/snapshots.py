@@ -27,11 +27,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from store.runs import store_url
 from store.snapshots import steps_line
 from trainer.config import ModelConfig, RunConfig, UserError, load_run_config
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the names capture/snapshot.py writes
-STORE_DIR = "capture.zarr"
 
 
 class Loaded(NamedTuple):
@@ -144,9 +144,8 @@ def load_snapshot(store_or_url, step: int, device: str = "cpu"):
 
 
 def run_store_url(run_dir: str | Path, cfg: RunConfig) -> str:
-    """Where a run's store is: the config's capture.store when set, else RUN/capture.zarr
-    (the run dir as given now, so a run dir that was moved still finds its store)."""
-    return cfg.capture.store or str(Path(run_dir) / STORE_DIR)
+    """Where a run's store is (store.runs: capture.store, else RUN/capture.zarr)."""
+    return store_url(run_dir, cfg.capture.store)
 
 
 def _store_exists(url: str) -> bool:

@@ -480,3 +480,7 @@ def test_dashboard_pages_on_the_s3_store(s3_run, monkeypatch, tmp_path):
     at = open_app(monkeypatch, runs_root=tmp_path, page="prompt", store=url)
     assert not at.error and not at.warning
     assert any(i.value.startswith("Running text needs the run's folder") for i in at.info)
+    # `--run-dir RUN` of the run: its config.toml's capture.store leads to the s3 store.
+    at = open_app(monkeypatch, run_dir=s3_run["run"], page="training")
+    assert not at.error and not at.warning, [e.value for e in (*at.error, *at.warning)]
+    assert {m.label: m.value for m in at.metric}["Captures"] == str(n)

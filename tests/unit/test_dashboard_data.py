@@ -33,6 +33,10 @@ def test_find_runs_and_store_url(tmp_path):
     assert store_url(f"file://{tmp_path}/a") == str(tmp_path / "a" / "capture.zarr")
     assert store_url("s3://bucket/run") == "s3://bucket/run/capture.zarr"
     assert store_url("s3://bucket/run/capture.zarr") == "s3://bucket/run/capture.zarr"
+    # A run trained with capture.store elsewhere: its config.toml says where.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.toml").write_text('[capture]\nstore = "s3://b/c/capture.zarr"\n')
+    assert store_url(str(tmp_path / "c")) == "s3://b/c/capture.zarr"
 
 
 @pytest.mark.usefixtures("shared")
