@@ -70,15 +70,14 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import shutil
-import struct
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from capture.export_files import make_dirs, save_npy, save_torch, write_safetensors
 from store.errors import ArgumentParser, UserError, run_cli
 from store.runs import STORE_DIR, configured_store, store_url
 
@@ -303,62 +302,6 @@ def choose_hooks(stored: list[str], wanted: list[str] | None,
 # ----------------------------------------------------------------------------- writing
 
 
-class _Atomic:
-    """A temporary path next to `final`; renamed onto it on success, removed on failure."""
-
-    def __init__(self, final: Path):
-        self.final = final
-        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.final)
-        else:
-            self.tmp.unlink(missing_ok=True)
-        return False
-
-
-def _save_torch(obj, path: Path) -> None:
-    import torch
-
-    with _Atomic(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def _save_npy(arr: np.ndarray, path: Path) -> None:
-    with _Atomic(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-
-
-def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str],
-                       block: int = 1) -> None:
-    """The safetensors format written directly (8-byte header length, JSON header, raw
-    little-endian bytes), streaming the arrays `block` leading rows at a time, so a
-    file-backed array is never copied into memory whole."""
-    dtypes = {np.dtype("float16"): "F16", np.dtype("float32"): "F32", np.dtype("int64"): "I64",
-              np.dtype("int32"): "I32"}
-    header: dict = {"__metadata__": dict(meta)}
-    off = 0
-    for name, a in tensors.items():
-        header[name] = {"dtype": dtypes[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with _Atomic(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for a in tensors.values():
-                a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-                for i in range(0, max(len(a), 1), block):
-                    f.write(np.ascontiguousarray(a[i:i + block]).tobytes())
-
-
 def _seqs_per_chunk(rs, hook: str) -> int:
     """Sequences in one chunk of acts/<hook> (one, in schema 1): the unit the export reads."""
     try:
@@ -375,7 +318,7 @@ def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Pa
     source = str(rs.source)
     tokens = np.asarray(rs.tokens(step)).astype(np.int64)
     step_dir = out / f"step_{step}"
-    made = _make_dirs(step_dir)
+    made = make_dirs(step_dir)
     written: list[Path] = []
     total_bytes = sum(P * T * dims[h] * 2 for h in hooks)
     bar = tqdm(total=len(hooks) * P, unit="seq", desc=f"export step {step}", file=sys.stderr,
@@ -386,7 +329,7 @@ def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Pa
     try:
         if fmt == "npy":
             path = step_dir / "tokens.npy"
-            _save_npy(tokens, path)
+            save_npy(tokens, path)
             written.append(path)
         for hook in hooks:
             D = dims[hook]
@@ -408,15 +351,15 @@ def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Pa
                     bar.update(hi - lo)
                 acts.flush()
                 if fmt == "pt":
-                    _save_torch({"activations": torch.from_numpy(acts),
+                    save_torch({"activations": torch.from_numpy(acts),
                                  "tokens": torch.from_numpy(tokens), "hook": hook,
                                  "step": step, "source": source}, final)
                 elif fmt == "safetensors":
-                    _write_safetensors(final, {"activations": acts, "tokens": tokens},
+                    write_safetensors(final, {"activations": acts, "tokens": tokens},
                                        {"hook": hook, "step": str(step), "source": source})
                 if hook == SEEDS_HOOK:
                     seeds = out / f"act_block4_output_step_{step}.pt"
-                    _save_torch({"activations": torch.from_numpy(acts),
+                    save_torch({"activations": torch.from_numpy(acts),
                                  "input_ids": torch.from_numpy(tokens)}, seeds)
                 if fmt == "npy":
                     del acts
@@ -437,25 +380,6 @@ def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Pa
     finally:
         bar.close()
     return written
-
-
-def _make_dirs(path: Path) -> list[Path]:
-    """mkdir -p, returning the folders it created (outermost first); a place where no folder
-    can be made is the user's input, reported as such (not as a store that cannot be read)."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    if not p.is_dir():
-        raise UserError(f"--out: {p} is a file, so {path} cannot be made; choose another "
-                        f"--out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot create {path} ({e.strerror}); choose a place you can "
-                        f"write to") from None
-    return list(reversed(missing))
 
 
 # ----------------------------------------------------------------------------- hf
