@@ -79,7 +79,7 @@ import numpy as np
 
 from capture.export_files import make_dirs, save_npy, save_torch, write_safetensors
 from store.errors import ArgumentParser, UserError, run_cli
-from store.runs import STORE_DIR, configured_store, store_url
+from store.runs import STORE_DIR, configured_store, store_may_exist, store_url
 
 SEEDS_HOOK = "blocks.4.hook_resid_post"
 PROGRESS_MIN_BYTES = 64 << 20  # show a progress bar from this many activation bytes on
@@ -132,7 +132,7 @@ def locate(args) -> tuple[str, Path | None, str | None]:
     """(store URL, run dir or None, a note for stderr on what was picked, or None)."""
     if args.store:
         url = args.store
-        if "://" not in url and not Path(url).exists():
+        if not store_may_exist(url):
             raise UserError(f"store {url} not found")
         return url, None, None
     note = None
@@ -146,7 +146,7 @@ def locate(args) -> tuple[str, Path | None, str | None]:
         raise UserError(f"run dir {run} is not a folder")
     # A run trained with capture.store elsewhere (s3://..., a path) has its store there.
     url = store_url(run, configured_store(run))
-    if "://" not in url and not Path(url).exists():
+    if not store_may_exist(url):
         raise UserError(f"run dir {run} has no capture store ({url} missing); "
                         f"was it trained with capture enabled?")
     return url, run, note
@@ -352,15 +352,15 @@ def export_step(rs, step: int, hooks: list[str], fmt: str, out: Path) -> list[Pa
                 acts.flush()
                 if fmt == "pt":
                     save_torch({"activations": torch.from_numpy(acts),
-                                 "tokens": torch.from_numpy(tokens), "hook": hook,
-                                 "step": step, "source": source}, final)
+                                "tokens": torch.from_numpy(tokens), "hook": hook,
+                                "step": step, "source": source}, final)
                 elif fmt == "safetensors":
                     write_safetensors(final, {"activations": acts, "tokens": tokens},
-                                       {"hook": hook, "step": str(step), "source": source})
+                                      {"hook": hook, "step": str(step), "source": source})
                 if hook == SEEDS_HOOK:
                     seeds = out / f"act_block4_output_step_{step}.pt"
                     save_torch({"activations": torch.from_numpy(acts),
-                                 "input_ids": torch.from_numpy(tokens)}, seeds)
+                                "input_ids": torch.from_numpy(tokens)}, seeds)
                 if fmt == "npy":
                     del acts
                     os.replace(stage_path, final)

@@ -46,7 +46,7 @@ def save_npy(arr: np.ndarray, path: Path) -> None:
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str],
-                       block: int = 1) -> None:
+                      block: int = 1) -> None:
     """The safetensors format written directly (8-byte header length, JSON header, raw
     little-endian bytes), streaming the arrays `block` leading rows at a time, so a
     file-backed array is never copied into memory whole."""

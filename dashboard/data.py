@@ -24,6 +24,7 @@ import streamlit as st
 from store.errors import StoreError
 from store.reader import RunStore
 from store.runs import STORE_DIR, configured_store
+from store.runs import store_url as run_store_url  # data.store_url takes any target
 DEFAULT_ROOT = "runs"
 HEATMAP_MAX_STEPS = 240      # columns of the neuron-by-step heatmap (steps subsampled beyond)
 HEATMAP_MAX_NEURONS = 256    # rows of it
@@ -70,11 +71,11 @@ def store_url(target: str) -> str:
     if "://" in t and not t.startswith("file://"):
         return t if t.endswith(".zarr") else f"{t}/{STORE_DIR}"
     p = Path(t[len("file://"):] if t.startswith("file://") else t).expanduser()
-    if (p / "zarr.json").exists() and not (p / STORE_DIR).exists():
+    if (p / STORE_DIR).exists():
+        return str(p / STORE_DIR)
+    if (p / "zarr.json").exists():  # the store folder itself
         return str(p)
-    if not (p / STORE_DIR).exists():  # a run trained with capture.store elsewhere (s3://...)
-        return configured_store(p) or str(p / STORE_DIR)
-    return str(p / STORE_DIR)
+    return run_store_url(p, configured_store(p))  # maybe trained with capture.store=s3://...
 
 
 def find_runs(root: str) -> list[str]:

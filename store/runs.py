@@ -18,6 +18,12 @@ def store_url(run_dir: str | Path, configured: str | None = None) -> str:
     return configured or str(Path(run_dir) / STORE_DIR)
 
 
+def store_may_exist(url: str) -> bool:
+    """False for a local path that is not there; True for a URL (s3://...), which only
+    opening it can tell, and for a path that is."""
+    return "://" in url or Path(url).exists()
+
+
 def configured_store(run_dir: str | Path) -> str | None:
     """The `capture.store` in the run's config.toml, or None when it is unset or there is
     no readable config. Read as plain TOML: `store` does not know the trainer's config."""

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from store.runs import store_url
+from store.runs import store_may_exist, store_url
 from store.snapshots import steps_line
 from trainer.config import ModelConfig, RunConfig, UserError, load_run_config
 
@@ -55,7 +55,7 @@ def _open(store_or_url):
     if isinstance(store_or_url, RunStore):
         return store_or_url, store_or_url.url
     url = str(store_or_url)
-    if "://" not in url and not Path(url).exists():
+    if not store_may_exist(url):
         raise UserError(f"capture store {url} not found")
     try:
         rs = RunStore(url)
@@ -148,14 +148,10 @@ def run_store_url(run_dir: str | Path, cfg: RunConfig) -> str:
     return store_url(run_dir, cfg.capture.store)
 
 
-def _store_exists(url: str) -> bool:
-    return "://" in url or Path(url).exists()
-
-
 def run_snapshot_steps(run_dir: str | Path, cfg: RunConfig) -> list[int] | None:
     """The snapshot steps of a run's store (None when the run has no store)."""
     url = run_store_url(run_dir, cfg)
-    if not _store_exists(url):
+    if not store_may_exist(url):
         return None
     from store.errors import StoreError
 

@@ -182,6 +182,7 @@ def _steps_line(steps: Sequence[int]) -> str:
 def _choose_steps(run_dir: Path, cfg, steps) -> list[int]:
     """The steps asked for, ascending and each once, every one loadable."""
     from trainer.checkpoint import list_complete
+    from store.runs import store_may_exist
     from trainer.snapshots import run_snapshot_steps, run_store_url
 
     snaps = run_snapshot_steps(run_dir, cfg)
@@ -194,7 +195,7 @@ def _choose_steps(run_dir: Path, cfg, steps) -> list[int]:
             if snaps is not None:
                 where = (f"its capture store {url} holds none: capture.snapshot_every was 0, "
                          f"or none was written yet")
-            elif "://" in url or Path(url).exists():
+            elif store_may_exist(url):
                 where = f"its capture store {url} cannot be read"
             else:
                 where = f"it has no capture store ({url})"

@@ -3,7 +3,7 @@ prompt tools and the dashboard share."""
 
 from __future__ import annotations
 
-from store.runs import configured_store, store_url
+from store.runs import configured_store, store_may_exist, store_url
 
 
 def test_store_is_in_the_run_dir_unless_configured(tmp_path):
@@ -26,3 +26,10 @@ def test_configured_store_read_from_the_run_config(tmp_path):
     assert configured_store(run) == "s3://b/r/capture.zarr"
     (run / "config.toml").write_text("[capture\nstore = ")
     assert configured_store(run) is None  # not TOML: the caller says the store is missing
+
+
+def test_a_missing_path_is_no_store_and_a_url_may_be_one(tmp_path):
+    assert not store_may_exist(str(tmp_path / "capture.zarr"))
+    (tmp_path / "capture.zarr").mkdir()
+    assert store_may_exist(str(tmp_path / "capture.zarr"))
+    assert store_may_exist("s3://b/r/capture.zarr")  # only opening it can tell
